@@ -1,0 +1,323 @@
+"""Vision Transformer with optional TokenLearner (V1 / V1.1) and TokenFuser; scenic's param tree.
+
+`build_model(config.model, num_classes)` turns a scenic-schema model config into a `ViT`:
+`tokenizer.type='patch'` is a plain ViT, `'dynamic'` adds TokenLearner before block
+`tokenizer.tokenlearner_loc` (and, with `use_tokenfuse`, a learner + fuser pair around every block
+from there on). Differences from scenic, all deliberate:
+  * `stochastic_depth` is applied (scenic's TokenLearner model silently ignores it): block i drops
+    whole examples from its residual branches with rate i / max(L - 1, 1) * stochastic_depth.
+  * `classifier='token'` works with TokenLearner: the CLS token bypasses the learner (and fuser) and
+    is put back in front of the learned tokens (scenic raises KeyError).
+  * Bad configs and inputs raise ValueError before anything is computed (scenic silently drops a
+    TokenLearner whose loc is out of range, and crops images that are not a multiple of the patch).
+"""
+
+import functools
+from collections.abc import Mapping
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from vit_flax.layers import AddPositionEmbs, Dtype, Encoder1DBlock, posemb_sincos_2d
+from vit_flax.tokenlearner import TokenFuser, TokenLearnerModule, TokenLearnerModuleV11
+
+CLASSIFIERS = ('gap', 'gmp', 'gsp', 'token')
+POSITIONAL_EMBEDDINGS = ('learned_1d', 'sinusoidal_2d', 'none')
+TOKENIZER_TYPES = ('patch', 'dynamic')
+
+# name: (hidden_size, num_layers, num_heads, mlp_dim), as in scenic's and vit_jax's configs.
+_VARIANTS = {
+    'Ti': (192, 12, 3, 768),
+    'S': (384, 12, 6, 1536),
+    'B': (768, 12, 12, 3072),
+    'L': (1024, 24, 16, 4096),
+    'H': (1280, 32, 16, 5120),
+}
+
+
+def decode_variant(variant: str) -> dict[str, Any]:
+  """Decodes a ViT variant: 'B/16' -> hidden_size, num_layers, num_heads, mlp_dim, patch_size.
+
+  E.g. dict(hidden_size=768, num_layers=12, num_heads=12, mlp_dim=3072, patch_size=(16, 16)).
+  The patch part is optional ('B' gives no `patch_size`).
+  """
+  name, _, patch = variant.partition('/')
+  if name not in _VARIANTS or (patch and not patch.isdigit()):
+    raise ValueError(f'Unknown variant {variant!r}; expected one of {list(_VARIANTS)} optionally '
+                     'followed by /<patch>, e.g. "B/16".')
+  out = dict(zip(('hidden_size', 'num_layers', 'num_heads', 'mlp_dim'), _VARIANTS[name]))
+  if patch:
+    out['patch_size'] = (int(patch), int(patch))
+  return out
+
+
+class Encoder(nn.Module):
+  """Scenic's `Transformer` encoder `[B, c + T*N, D]` -> `[B, c + T*K, D]` (c = 1 with a CLS token).
+
+  posemb -> dropout -> blocks -> `encoder_norm`. With `tokenlearner_loc = k` and no fuser, the
+  learner runs once before block k and blocks k.. see K = S tokens per frame. With `use_tokenfuse`,
+  every block i >= k runs as learner -> block -> fuser + residual, so K = N. The position embedding
+  is added once, before any learner. Learners and fusers work per frame
+  ([B, T*N, D] <-> [B*T, N, D]); the CLS token bypasses them.
+  """
+  num_layers: int
+  mlp_dim: int
+  num_heads: int
+  dropout_rate: float = 0.0
+  attention_dropout_rate: float = 0.0
+  stochastic_depth: float = 0.0
+  positional_embedding: str = 'learned_1d'
+  has_cls_token: bool = False
+  tokenlearner_loc: int | None = None  # None: no TokenLearner.
+  num_tokens: int = 8
+  use_v11: bool = True
+  use_tokenfuse: bool = False
+  temporal_dimensions: int = 1  # T frames, each an [h, w] grid (1 for images).
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array, *, grid_hw: tuple[int, int], train: bool = False) -> jax.Array:
+    b, _, d = x.shape
+    c, t, (h, w) = int(self.has_cls_token), self.temporal_dimensions, grid_hw
+    if x.shape[1] != c + t * h * w:
+      raise ValueError(f'Encoder got {x.shape[1]} tokens, expected {c} + {t} * {h} * {w}.')
+    loc = self.tokenlearner_loc
+    if loc is not None and not 0 <= loc < self.num_layers:
+      raise ValueError(f'tokenlearner_loc must be in [0, {self.num_layers}), got {loc}.')
+
+    def split(x):  # [B, c + T*n, D] -> ([B, c, D], [B*T, n, D])
+      return x[:, :c], x[:, c:].reshape(b * t, -1, d)
+
+    def join(cls, frames):  # ([B, c, D], [B*T, n, D]) -> [B, c + T*n, D]
+      x = frames.reshape(b, -1, d)
+      return jnp.concatenate([cls, x], axis=1) if c else x
+
+    if self.positional_embedding == 'learned_1d':
+      x = AddPositionEmbs(name='posembed_input')(x)
+    elif self.positional_embedding == 'sinusoidal_2d':
+      if t != 1:
+        raise ValueError('sinusoidal_2d position embeddings support images only (T = 1).')
+      pe = np.pad(posemb_sincos_2d(h, w, d), ((0, 0), (c, 0), (0, 0)))  # [1, c + h*w, D], CLS: 0
+      x = x + jnp.asarray(pe, x.dtype)
+    elif self.positional_embedding != 'none':
+      raise ValueError(f'Unknown positional_embedding {self.positional_embedding!r}.')
+    x = nn.Dropout(self.dropout_rate)(x, deterministic=not train)
+
+    if self.use_v11:
+      learner = functools.partial(TokenLearnerModuleV11, self.num_tokens,
+                                  dropout_rate=self.dropout_rate, dtype=self.dtype)
+    else:
+      learner = functools.partial(TokenLearnerModule, self.num_tokens, dtype=self.dtype)
+    for i in range(self.num_layers):
+      block = Encoder1DBlock(
+          self.mlp_dim, self.num_heads, self.dropout_rate, self.attention_dropout_rate,
+          stochastic_depth=i / max(self.num_layers - 1, 1) * self.stochastic_depth,
+          dtype=self.dtype, name=f'encoderblock_{i}')
+      if loc is None or i < loc or (i > loc and not self.use_tokenfuse):
+        x = block(x, train=train)
+        continue
+      cls, frames = split(x)  # frames: [B*T, h*w, D]
+      x = join(cls, learner()(frames, grid_hw=(h, w), train=train))  # [B, c + T*S, D]
+      x = block(x, train=train)
+      if self.use_tokenfuse:
+        cls, learned = split(x)  # learned: [B*T, S, D]
+        fused = TokenFuser(dropout_rate=self.dropout_rate, dtype=self.dtype)(
+            learned, frames, train=train)  # [B*T, h*w, D]
+        x = join(cls, fused + frames)  # [B, c + T*h*w, D]
+    return nn.LayerNorm(dtype=self.dtype, name='encoder_norm')(x)
+
+
+class ViT(nn.Module):
+  """ViT classifier: NHWC images `[B, H, W, C]` -> logits `[B, num_classes]` (dtype `dtype`).
+
+  `embedding` conv (kernel = stride = patch) -> [`cls`] -> `Transformer` (Encoder) -> pool
+  (gap | gmp | gsp | token) -> [`pre_logits` Dense + tanh] -> zero-kernel `output_projection`.
+  Dropout, attention dropout and stochastic depth all draw from the 'dropout' rng stream.
+  With `mutable=['intermediates']`, `apply` also returns what the modules sow:
+  `intermediates/Transformer/encoderblock_{i}/MultiHeadDotProductAttention_0/attention_weights`
+  (a 1-tuple of float32 softmax weights `[B, heads, K, K]`) and
+  `intermediates/Transformer/TokenLearnerModuleV11_{k}/token_maps` (or `TokenLearnerModule_{k}`;
+  a 1-tuple of float32 spatial weights `[B*T, S, h, w]`).
+  """
+  num_classes: int
+  hidden_size: int
+  num_layers: int
+  num_heads: int
+  mlp_dim: int
+  patch_size: tuple[int, int] = (16, 16)
+  classifier: str = 'gap'  # gap | gmp | gsp | token.
+  representation_size: int | None = None  # Width of the tanh `pre_logits` layer, if any.
+  dropout_rate: float = 0.0
+  attention_dropout_rate: float = 0.0
+  stochastic_depth: float = 0.0  # Rate of the last block; block i gets i / (L - 1) of it.
+  positional_embedding: str = 'learned_1d'  # learned_1d | sinusoidal_2d | none.
+  tokenlearner_loc: int | None = None  # None: plain ViT (scenic tokenizer.type 'patch').
+  num_tokens: int = 8  # S, tokens learned per frame.
+  use_v11: bool = True  # TokenLearnerModuleV11 (else V1 TokenLearnerModule).
+  use_tokenfuse: bool = False
+  dtype: Dtype = jnp.float32  # Compute dtype; parameters stay float32.
+
+  @nn.compact
+  def __call__(self, images: jax.Array, *, train: bool = False) -> jax.Array:
+    _check_fields(self, images.shape[1:] if images.ndim == 4 else None)
+    if images.ndim != 4:
+      raise ValueError(f'ViT expects NHWC images [B, H, W, C], got shape {images.shape}.')
+    if not self.is_initializing():
+      kernel = self.variables.get('params', {}).get('embedding', {}).get('kernel')
+      if kernel is not None and kernel.shape[2] != images.shape[3]:
+        raise ValueError(f'Images have {images.shape[3]} channels but the `embedding` kernel '
+                         f'expects {kernel.shape[2]}.')
+    x = nn.Conv(self.hidden_size, self.patch_size, strides=self.patch_size, padding='VALID',
+                dtype=self.dtype, name='embedding')(images)  # [B, h, w, D]
+    b, h, w, d = x.shape
+    x = x.reshape(b, h * w, d)  # [B, h*w, D]
+    if self.classifier == 'token':
+      cls = self.param('cls', nn.initializers.zeros, (1, 1, d), jnp.float32)
+      x = jnp.concatenate([jnp.tile(cls.astype(x.dtype), (b, 1, 1)), x], axis=1)  # [B, 1+h*w, D]
+    x = Encoder(
+        self.num_layers, self.mlp_dim, self.num_heads, self.dropout_rate,
+        self.attention_dropout_rate, self.stochastic_depth, self.positional_embedding,
+        has_cls_token=self.classifier == 'token', tokenlearner_loc=self.tokenlearner_loc,
+        num_tokens=self.num_tokens, use_v11=self.use_v11, use_tokenfuse=self.use_tokenfuse,
+        dtype=self.dtype, name='Transformer')(x, grid_hw=(h, w), train=train)  # [B, K, D]
+    if self.classifier == 'token':
+      x = x[:, 0]  # [B, D]
+    else:
+      x = {'gap': jnp.mean, 'gmp': jnp.max, 'gsp': jnp.sum}[self.classifier](x, axis=1)  # [B, D]
+    if self.representation_size is not None:
+      x = jnp.tanh(nn.Dense(self.representation_size, dtype=self.dtype, name='pre_logits')(x))
+    return nn.Dense(self.num_classes, dtype=self.dtype, kernel_init=nn.initializers.zeros,
+                    name='output_projection')(x)  # [B, num_classes]
+
+
+def _check_fields(m: ViT, image_shape: tuple[int, ...] | None = None) -> None:
+  """Raises ValueError for an inconsistent ViT (and, given (H, W[, C]), for an unusable image)."""
+  errors = []
+  if m.num_classes < 1:
+    errors.append(f'num_classes must be >= 1, got {m.num_classes}')
+  for name in ('hidden_size', 'num_layers', 'num_heads', 'mlp_dim'):
+    if getattr(m, name) < 1:
+      errors.append(f'{name} must be >= 1, got {getattr(m, name)}')
+  if m.num_heads >= 1 and m.hidden_size % m.num_heads:
+    errors.append(f'hidden_size {m.hidden_size} is not divisible by num_heads {m.num_heads}')
+  if len(m.patch_size) != 2 or min(m.patch_size) < 1:
+    errors.append(f'patch size must be two positive ints, got {m.patch_size}')
+  if m.classifier not in CLASSIFIERS:
+    errors.append(f'unknown classifier {m.classifier!r}; expected one of {CLASSIFIERS}')
+  if m.positional_embedding not in POSITIONAL_EMBEDDINGS:
+    errors.append(f'unknown positional_embedding {m.positional_embedding!r}; expected one of '
+                  f'{POSITIONAL_EMBEDDINGS}')
+  elif m.positional_embedding == 'sinusoidal_2d' and m.hidden_size % 4:
+    errors.append(f'sinusoidal_2d needs hidden_size divisible by 4, got {m.hidden_size}')
+  if m.representation_size is not None and m.representation_size < 1:
+    errors.append(f'representation_size must be None or >= 1, got {m.representation_size}')
+  for name in ('dropout_rate', 'attention_dropout_rate', 'stochastic_depth'):
+    if not 0.0 <= getattr(m, name) < 1.0:
+      errors.append(f'{name} must be in [0, 1), got {getattr(m, name)}')
+  if m.tokenlearner_loc is not None:
+    if not 0 <= m.tokenlearner_loc < m.num_layers:
+      errors.append(f'tokenlearner_loc must be in [0, num_layers={m.num_layers}), got '
+                    f'{m.tokenlearner_loc}')
+    if m.num_tokens < 1:
+      errors.append(f'num_tokens must be >= 1, got {m.num_tokens}')
+  if image_shape is not None:
+    if len(image_shape) not in (2, 3):
+      errors.append(f'image shape must be (H, W) or (H, W, C), got {tuple(image_shape)}')
+    elif len(m.patch_size) == 2 and (image_shape[0] % m.patch_size[0] or
+                                     image_shape[1] % m.patch_size[1]):
+      errors.append(f'image size {tuple(image_shape[:2])} is not divisible by the patch size '
+                    f'{tuple(m.patch_size)}')
+  if errors:
+    raise ValueError('Invalid ViT configuration: ' + '; '.join(errors) + '.')
+
+
+_MODEL_KEYS = frozenset({
+    'variant', 'hidden_size', 'num_layers', 'num_heads', 'mlp_dim', 'classifier',
+    'representation_size', 'dropout_rate', 'attention_dropout_rate', 'stochastic_depth',
+    'positional_embedding', 'tokenizer'})
+_TOKENIZER_KEYS = frozenset(
+    {'type', 'patches', 'num_tokens', 'tokenlearner_loc', 'use_v11', 'use_tokenfuse'})
+
+
+def _as_dict(cfg: Any) -> dict[str, Any]:
+  """A ConfigDict / FrozenConfigDict / Mapping (or None) as a plain nested dict."""
+  if cfg is None:
+    return {}
+  if hasattr(cfg, 'to_dict'):
+    return cfg.to_dict()
+  if isinstance(cfg, Mapping):
+    return {k: _as_dict(v) if isinstance(v, Mapping) else v for k, v in cfg.items()}
+  raise ValueError(f'Expected a ConfigDict or mapping, got {type(cfg).__name__}.')
+
+
+def model_kwargs(model_config: Any) -> dict[str, Any]:
+  """Maps scenic's `config.model` schema to `ViT` fields (everything but num_classes and dtype).
+
+  `variant` ('B/16') fills hidden_size, num_layers, num_heads, mlp_dim and the patch size; keys
+  given explicitly win. Defaults for absent keys follow scenic: classifier 'gap', dropout_rate and
+  attention_dropout_rate 0.1, stochastic_depth 0, positional_embedding 'learned_1d', tokenizer.type
+  'patch'; for 'dynamic': num_tokens 8, use_v11 True, use_tokenfuse False (tokenlearner_loc is
+  required). Unknown keys raise ValueError.
+  """
+  cfg = _as_dict(model_config)
+  tok = _as_dict(cfg.get('tokenizer'))
+  patches = _as_dict(tok.get('patches'))
+  unknown = sorted(set(cfg) - _MODEL_KEYS)
+  unknown += [f'tokenizer.{k}' for k in sorted(set(tok) - _TOKENIZER_KEYS)]
+  unknown += [f'tokenizer.patches.{k}' for k in sorted(set(patches) - {'size'})]
+  if unknown:
+    raise ValueError(f'Unknown model config keys: {unknown}. Known: {sorted(_MODEL_KEYS)}, '
+                     f'tokenizer.{{{", ".join(sorted(_TOKENIZER_KEYS))}}}, tokenizer.patches.size.')
+  kw = decode_variant(cfg['variant']) if cfg.get('variant') else {}
+  for key in ('hidden_size', 'num_layers', 'num_heads', 'mlp_dim'):
+    if cfg.get(key) is not None:
+      kw[key] = int(cfg[key])
+  if patches.get('size') is not None:
+    size = patches['size']
+    kw['patch_size'] = (int(size), int(size)) if isinstance(size, int) else tuple(map(int, size))
+  missing = [k for k in ('hidden_size', 'num_layers', 'num_heads', 'mlp_dim', 'patch_size')
+             if k not in kw]
+  if missing:
+    raise ValueError(f'Model config lacks {missing} (give them, or a `variant` like "B/16"; the '
+                     'patch size is tokenizer.patches.size).')
+  kw.update(
+      classifier=cfg.get('classifier', 'gap'),
+      representation_size=cfg.get('representation_size'),
+      dropout_rate=float(cfg.get('dropout_rate', 0.1)),
+      attention_dropout_rate=float(cfg.get('attention_dropout_rate', 0.1)),
+      stochastic_depth=float(cfg.get('stochastic_depth', 0.0)),
+      positional_embedding=cfg.get('positional_embedding', 'learned_1d'))
+  tok_type = tok.get('type', 'patch')
+  if tok_type not in TOKENIZER_TYPES:
+    raise ValueError(f'Unknown tokenizer.type {tok_type!r}; expected one of {TOKENIZER_TYPES}.')
+  if tok_type == 'dynamic':
+    if tok.get('tokenlearner_loc') is None:
+      raise ValueError("tokenizer.type 'dynamic' needs tokenizer.tokenlearner_loc.")
+    kw.update(tokenlearner_loc=int(tok['tokenlearner_loc']),
+              num_tokens=int(tok.get('num_tokens', 8)),
+              use_v11=bool(tok.get('use_v11', True)),
+              use_tokenfuse=bool(tok.get('use_tokenfuse', False)))
+  return kw
+
+
+def validate_model_config(model_config: Any, image_shape: tuple[int, ...] | None = None,
+                          num_classes: int = 1) -> dict[str, Any]:
+  """Raises ValueError if the config (and, given (H, W[, C]), the image size) cannot work.
+
+  Cheap (no tracing), so a trainer can call it before compiling. Returns `model_kwargs(...)`.
+  """
+  kw = model_kwargs(model_config)
+  _check_fields(ViT(num_classes=num_classes, **kw), image_shape)
+  return kw
+
+
+def build_model(model_config: Any, num_classes: int, *, dtype: Dtype = jnp.float32) -> ViT:
+  """Builds the `ViT` described by scenic's `config.model` schema (see `model_kwargs`).
+
+  `dtype` (e.g. jnp.bfloat16 or 'bfloat16') is the compute dtype; parameters stay float32.
+  """
+  kw = validate_model_config(model_config, num_classes=num_classes)
+  return ViT(num_classes=num_classes, dtype=jnp.dtype(dtype), **kw)
