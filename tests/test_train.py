@@ -1,22 +1,13 @@
 """Trainer tests: schedule, losses, masked eval, tiny end-to-end runs (resume, NaN, 8 devices)."""
 
-import atexit
 import importlib.util
 import json
 import math
 import os
 import pathlib
-import shutil
 import subprocess
 import sys
-import tempfile
 
-# Compiling dominates these tests: cheaper XLA CPU codegen (set before JAX starts its backend).
-_FAST_XLA = '--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true'
-if 'xla_backend_optimization_level' not in os.environ.get('XLA_FLAGS', ''):
-  os.environ['XLA_FLAGS'] = f'{os.environ.get("XLA_FLAGS", "")} {_FAST_XLA}'.strip()
-
-# pylint: disable=g-import-not-at-top,wrong-import-position
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -29,12 +20,8 @@ from vit_flax import train
 from vit_flax import vit
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
-# Runs of the same config in one session (resume, re-run) reuse compiled programs from disk.
-if not jax.config.jax_compilation_cache_dir:
-  _CACHE_DIR = tempfile.mkdtemp(prefix='vit_flax_jax_cache_')
-  atexit.register(shutil.rmtree, _CACHE_DIR, ignore_errors=True)
-  jax.config.update('jax_compilation_cache_dir', _CACHE_DIR)
-  jax.config.update('jax_persistent_cache_min_compile_time_secs', 0.5)
+# The subprocess gets the same cheap compiles as this process (tests/conftest.py).
+FAST_XLA = ' '.join(f for f in os.environ.get('XLA_FLAGS', '').split() if 'device_count' not in f)
 SUMMARY_KEYS = {'test_accuracy', 'test_loss', 'num_params', 'gflops_per_image',
                 'train_images_per_s', 'eval_images_per_s', 'wall_time_s', 'steps', 'dataset',
                 'config', 'eval_history'}
@@ -226,7 +213,7 @@ def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path, monkeypa
 
 def test_cli_on_8_devices_matches_this_process(tiny_run, tmp_path):
   """`python -m vit_flax.main` (default workdir ./runs/tiny) on 8 CPU devices: same losses."""
-  env = dict(os.environ, XLA_FLAGS=f'--xla_force_host_platform_device_count=8 {_FAST_XLA}',
+  env = dict(os.environ, XLA_FLAGS=f'--xla_force_host_platform_device_count=8 {FAST_XLA}',
              PYTHONPATH=str(ROOT))
   proc = subprocess.run(
       [sys.executable, '-m', 'vit_flax.main', f'--config={ROOT / "configs" / "tiny.py"}',

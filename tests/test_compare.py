@@ -1,0 +1,94 @@
+"""Tests for vit_flax.compare: the tiny config with and without TokenLearner, and the helpers."""
+
+import json
+import pathlib
+
+from vit_flax import benchmark
+from vit_flax import compare
+
+CONFIGS = pathlib.Path(__file__).resolve().parent.parent / 'configs'
+PNG_MAGIC = b'\x89PNG\r\n\x1a\n'
+
+
+def _tiny_config():
+  """configs/tiny.py cut to 4 steps (evaluations at steps 2 and 4)."""
+  config = benchmark._load_config_file(CONFIGS / 'tiny.py')
+  config.num_training_steps = 4
+  config.log_summary_steps = config.log_eval_steps = 2
+  config.checkpoint_steps = 4
+  config.lr_configs.warmup_steps = 1
+  return config
+
+
+def test_compare_tiny_writes_table_json_and_plot(tmp_path):
+  result = compare.run_comparison(_tiny_config(), tmp_path, target_accuracy=0.0, name='tiny')
+
+  rows = json.loads((tmp_path / 'comparison.json').read_text())['rows']
+  assert [r['name'] for r in rows] == ['vit', 'tl']
+  assert [r['tokenizer'] for r in rows] == ['patch', 'dynamic']
+  for r in rows:
+    assert r['steps'] == 4 and 0.0 <= r['test_accuracy'] <= 1.0
+    assert r['num_params'] > 0 and r['gflops_per_image'] > 0 and r['wall_time_s'] > 0
+    assert r['train_images_per_s'] > 0 and r['eval_images_per_s'] > 0
+    assert r['time_to_target_s'] is not None and r['step_to_target'] == 2  # Target 0: first eval.
+    assert [p['step'] for p in r['curve']] == [2, 4, 4]  # valid, valid, test
+  # Same data, seed and steps, so the only difference is the model.
+  assert rows[1]['gflops_per_image'] < rows[0]['gflops_per_image']
+
+  table = (tmp_path / 'comparison.md').read_text()
+  assert '| ViT |' in table and '| ViT + TokenLearner (S=4, loc=1) |' in table
+  assert 'test accuracy' in table and 'time to 0.00% (s)' in table
+  png = (tmp_path / 'accuracy_vs_time.png').read_bytes()
+  assert png.startswith(PNG_MAGIC) and len(png) > 5000
+  assert not (tmp_path / 'accuracy_vs_gflops.png').exists()  # Only for sweeps.
+  assert set(result['files']) == {'markdown', 'json', 'accuracy_vs_time'}
+
+  # Finished runs are reused, not retrained: the metrics logs are left as they were.
+  before = {n: (tmp_path / n / 'metrics.jsonl').read_text() for n in ('vit', 'tl')}
+  again = compare.run_comparison(_tiny_config(), tmp_path, target_accuracy=0.0, name='tiny')
+  assert {n: (tmp_path / n / 'metrics.jsonl').read_text() for n in ('vit', 'tl')} == before
+  assert [r['test_accuracy'] for r in again['rows']] == [r['test_accuracy'] for r in rows]
+
+
+def test_sweep_variants_are_named_by_size_and_location():
+  config = _tiny_config()
+  names = [(n, c.model.tokenizer.type, c.model.tokenizer.num_tokens,
+            c.model.tokenizer.tokenlearner_loc)
+           for n, c in compare.variants(config, num_tokens=[2, 4], tokenlearner_locs=[0, 1])]
+  assert names == [('vit', 'patch', 4, 1), ('tl_S2_L0', 'dynamic', 2, 0),
+                   ('tl_S2_L1', 'dynamic', 2, 1), ('tl_S4_L0', 'dynamic', 4, 0),
+                   ('tl_S4_L1', 'dynamic', 4, 1)]
+  only_loc = [n for n, _ in compare.variants(config, tokenlearner_locs=[0])]
+  assert only_loc == ['vit', 'tl_S4_L0']
+
+
+def test_time_to_target_uses_the_first_evaluation_at_or_above_it():
+  records = [
+      {'step': 10, 'wall_time_s': 1.0, 'train_loss': 2.0},
+      {'step': 10, 'wall_time_s': 1.5, 'valid_loss': 1.0, 'valid_accuracy': 0.5},
+      {'step': 20, 'wall_time_s': 3.0, 'valid_loss': 0.5, 'valid_accuracy': 0.9},
+      {'step': 30, 'wall_time_s': 4.5, 'valid_loss': 0.4, 'valid_accuracy': 0.95},
+      {'step': 30, 'wall_time_s': 5.0, 'test_loss': 0.4, 'test_accuracy': 0.97},
+  ]
+  curve = compare.accuracy_curve(records)
+  assert [p['split'] for p in curve] == ['valid', 'valid', 'valid', 'test']
+  assert compare.time_to_target(curve, 0.9) == (3.0, 20)
+  assert compare.time_to_target(curve, 0.96) == (5.0, 30)  # Only the final test eval reached it.
+  assert compare.time_to_target(curve, 0.99) is None
+
+
+def test_sweep_plot_and_benchmark_only_table(tmp_path):
+  rows = [dict(name='vit', tokenizer='patch', num_tokens=None, tokenlearner_loc=None,
+               num_params=1000, gflops_per_image=0.5, train_images_per_s=100.0,
+               eval_images_per_s=400.0, test_accuracy=0.9, peak_fraction=0.2),
+          dict(name='tl_S8_L1', tokenizer='dynamic', num_tokens=8, tokenlearner_loc=1,
+               num_params=1100, gflops_per_image=0.2, train_images_per_s=250.0,
+               eval_images_per_s=900.0, test_accuracy=0.88, peak_fraction=0.15)]
+  compare.plot_accuracy_vs_gflops(rows, tmp_path / 'p.png')
+  assert (tmp_path / 'p.png').read_bytes().startswith(PNG_MAGIC)
+  result = dict(config_name='x', benchmark_only=True, target_accuracy=None, rows=rows,
+                matmul_peak_gflops=150.0, machine=dict(backend='cpu', devices=1, cpu_count=2,
+                                                       processor='x86_64', jax='0'))
+  table = compare.markdown_table(result)
+  assert '| ViT + TokenLearner (S=8, loc=1) | 1,100 | 0.2 | 250 | 900 | 2.50× | 15.0% |' in table
+  assert 'test accuracy' not in table
