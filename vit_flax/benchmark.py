@@ -285,10 +285,16 @@ def benchmark_model(config: ml_collections.ConfigDict, image_shape: Sequence[int
   loss = config.get('loss', 'softmax')
   step_fn = functools.partial(train.train_step, loss=loss,
                               label_smoothing=config.get('label_smoothing'))
-  eval_fn = functools.partial(train.eval_step, loss=loss)
-  train_rng = jax.device_put(jax.random.key(1), replicated)
-
+  # XLA's cost analysis counts a loop body once, so FLOPs come from the unsplit step; the timed
+  # steps split batches into micro-batches exactly as the trainer does.
   xla_flops = _step_flops(state, step_fn, batch_size, image_shape)
+  num_devices = jax.device_count()
+  step_fn = functools.partial(
+      step_fn, num_microbatches=train.num_microbatches(config, batch_size, num_devices))
+  eval_fn = functools.partial(
+      train.eval_step, loss=loss,
+      num_microbatches=train.num_microbatches(config, eval_batch_size, num_devices))
+  train_rng = jax.device_put(jax.random.key(1), replicated)
 
   data_rng = np.random.default_rng(0)
   start = time.perf_counter()
@@ -519,6 +525,7 @@ def _define_flags() -> None:
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
+  train.use_one_device_per_cpu_core()  # As `vit_flax.main` does, so the numbers match training.
   f = flags.FLAGS
   if (f.config is None) == (f.preset is None):
     raise app.UsageError('Give exactly one of --config and --preset.')

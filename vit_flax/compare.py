@@ -310,6 +310,7 @@ def _define_flags() -> None:
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
+  train.use_one_device_per_cpu_core()  # As `vit_flax.main` does, so the numbers match training.
   f = flags.FLAGS
   if f.config is None:
     raise app.UsageError('--config is required.')

@@ -1,19 +1,13 @@
 """`python -m vit_flax.main --config=configs/NAME.py [--workdir=DIR] [--config.FIELD=VALUE ...]`.
 
 Flags only; the work is `vit_flax.train.train_and_evaluate`. Before JAX starts, the host CPU is
-split into one XLA device per core (`--xla_force_host_platform_device_count`) unless XLA_FLAGS
-already sets a count: on CPU the batch is then sharded over the cores, which roughly doubles
-training throughput on a 2-core machine; on GPU/TPU it only adds unused host devices.
+split into one XLA device per core (`train.use_one_device_per_cpu_core`) unless XLA_FLAGS or
+jax_num_cpu_devices already chose a count: the batch is then sharded over the cores, which roughly
+doubles CPU training throughput on a 2-core machine.
 """
 
 import os
 
-_COUNT_FLAG = '--xla_force_host_platform_device_count'
-if _COUNT_FLAG not in os.environ.get('XLA_FLAGS', ''):  # Read when JAX's backend starts.
-  _cores = len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else os.cpu_count()
-  os.environ['XLA_FLAGS'] = f'{os.environ.get("XLA_FLAGS", "")} {_COUNT_FLAG}={_cores or 1}'.strip()
-
-# pylint: disable=g-import-not-at-top,wrong-import-position
 from absl import app
 from absl import flags
 from ml_collections import config_flags
@@ -31,6 +25,7 @@ def main(argv: list[str]) -> None:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
   import jax  # pylint: disable=g-import-not-at-top
   from vit_flax import train  # pylint: disable=g-import-not-at-top
+  train.use_one_device_per_cpu_core()
   try:  # A bad config is a usage error: one line, before anything loads or compiles.
     train.validate_config(_CONFIG.value, num_devices=jax.device_count())
   except ValueError as e:

@@ -56,7 +56,12 @@ CONFIG_KEYS = {
     'model': _REQUIRED,  # scenic's model schema, checked by vit.validate_model_config.
     'model_dtype_str': 'float32',  # Compute dtype: float32 | bfloat16 | float16.
     'loss': 'softmax',  # softmax (cross-entropy) | sigmoid (scenic's multilabel loss).
+    # Examples per gradient micro-batch (summed inside the step; the update is unchanged).
+    # None: CPU_MICROBATCH_SIZE on CPU, where small micro-batches keep activations in cache
+    # (2-3x faster on the mnist preset); the whole batch on GPU/TPU.
+    'microbatch_size': None,
 }
+CPU_MICROBATCH_SIZE = 16
 # Optimizer -> its optimizer_configs keys with defaults. 'adam' with weight_decay is AdamW, as in
 # scenic: decoupled decay scaled by the learning rate, on every parameter unless
 # skip_scale_and_bias_regularization masks the 1-D ones (biases, LayerNorm scales).
@@ -145,6 +150,17 @@ def validate_config(config: ml_collections.ConfigDict, *, num_devices: int | Non
       value = _get(config, key)
       if isinstance(value, int) and value % num_devices:
         errors.append(f'{key}={value} is not divisible by the {num_devices} devices')
+  micro = _get(config, 'microbatch_size')
+  if micro is not None:
+    if not isinstance(micro, int) or micro < 1:
+      errors.append(f'microbatch_size must be a positive int or None, got {micro!r}')
+    else:
+      for key in ('batch_size', 'eval_batch_size'):
+        value = _get(config, key) or _get(config, 'batch_size')
+        if isinstance(value, int) and value % micro:
+          errors.append(f'microbatch_size={micro} does not divide {key}={value}')
+      if num_devices and micro % num_devices:
+        errors.append(f'microbatch_size={micro} is not divisible by the {num_devices} devices')
 
   optimizer = _get(config, 'optimizer')
   if optimizer not in OPTIMIZER_KEYS:
@@ -190,6 +206,21 @@ def _lr_config_errors(lr_configs: dict[str, Any]) -> list[str]:
     if factor in factors and lr_configs.get(key) is None:
       errors.append(f'lr_configs.{key} is needed by factor {factor!r}')
   return errors
+
+
+def num_microbatches(config: ml_collections.ConfigDict, batch_size: int, num_devices: int,
+                     backend: str | None = None) -> int:
+  """How many micro-batches a batch of `batch_size` is split into (1: no splitting).
+
+  An explicit `microbatch_size` must divide the batch and be divisible by the device count
+  (validate_config checks); the CPU default falls back to 1 where it does not fit.
+  """
+  size = _get(config, 'microbatch_size')
+  if size is None:
+    size = CPU_MICROBATCH_SIZE if (backend or jax.default_backend()) == 'cpu' else batch_size
+    if batch_size % size or size % num_devices:
+      return 1
+  return batch_size // size
 
 
 def total_train_steps(config: ml_collections.ConfigDict, num_train: int) -> int:
@@ -318,33 +349,70 @@ def create_train_state(rng: jax.Array, config: ml_collections.ConfigDict, model:
 # Steps (pure, module level) and the jitted loops around them.
 
 
+def _microbatches(a: jax.Array, num_microbatches: int) -> jax.Array:
+  """[B, ...] -> [M, B/M, ...], micro-batch j holding examples j, j + M, j + 2M, ...
+
+  The strided split keeps every device busy on every micro-batch (a device holds a contiguous block
+  of the batch) and does not depend on the number of devices.
+  """
+  b = a.shape[0]
+  return a.reshape(b // num_microbatches, num_microbatches, *a.shape[1:]).swapaxes(0, 1)
+
+
 def train_step(state: TrainState, batch: dict[str, jax.Array], rng: jax.Array, *,
-               loss: str = 'softmax', label_smoothing: float | None = None
-               ) -> tuple[TrainState, dict[str, jax.Array]]:
+               loss: str = 'softmax', label_smoothing: float | None = None,
+               num_microbatches: int = 1) -> tuple[TrainState, dict[str, jax.Array]]:
   """One update on batch {'inputs' [B, H, W, C] float, 'label' [B] int}.
 
-  Dropout uses fold_in(rng, state.step). Returns the new state and the batch's mean `loss`,
-  `accuracy` and the pre-clipping gradient norm `l2_grads`.
+  Dropout uses fold_in(rng, state.step) (and fold_in(that, j) for micro-batch j). With
+  `num_microbatches` M > 1 the gradient of the batch-mean loss is accumulated over M micro-batches
+  in a scan: the same update, with activations small enough to stay in the CPU's caches.
+  Returns the new state and the batch's mean `loss`, `accuracy` and the pre-clipping gradient norm
+  `l2_grads`.
   """
   dropout_rng = jax.random.fold_in(rng, state.step)
+  batch_size = batch['label'].shape[0]
 
-  def loss_fn(params):
-    logits = state.apply_fn({'params': params}, batch['inputs'], train=True,
-                            rngs={'dropout': dropout_rng})
-    losses = example_losses(logits, batch['label'], loss=loss, label_smoothing=label_smoothing)
-    return losses.mean(), logits
+  def loss_fn(params, inputs, labels, rng):
+    logits = state.apply_fn({'params': params}, inputs, train=True, rngs={'dropout': rng})
+    losses = example_losses(logits, labels, loss=loss, label_smoothing=label_smoothing)
+    correct = jnp.sum(jnp.argmax(logits, axis=-1) == labels)
+    return jnp.sum(losses) / batch_size, correct
 
-  (mean_loss, logits), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
-  accuracy = jnp.mean(jnp.argmax(logits, axis=-1) == batch['label'])
-  metrics = {'loss': mean_loss, 'accuracy': accuracy.astype(jnp.float32),
+  grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+  if num_microbatches == 1:
+    (mean_loss, correct), grads = grad_fn(state.params, batch['inputs'], batch['label'],
+                                          dropout_rng)
+  else:
+    def accumulate(carry, micro):
+      j, inputs, labels = micro
+      out = grad_fn(state.params, inputs, labels, jax.random.fold_in(dropout_rng, j))
+      return jax.tree.map(jnp.add, carry, out), None
+
+    zeros = ((jnp.zeros((), jnp.float32), jnp.zeros((), jnp.int32)),
+             jax.tree.map(jnp.zeros_like, state.params))
+    ((mean_loss, correct), grads), _ = jax.lax.scan(
+        accumulate, zeros, (jnp.arange(num_microbatches),
+                            _microbatches(batch['inputs'], num_microbatches),
+                            _microbatches(batch['label'], num_microbatches)))
+  metrics = {'loss': mean_loss, 'accuracy': correct.astype(jnp.float32) / batch_size,
              'l2_grads': optax.tree.norm(grads)}
   return state.apply_gradients(grads=grads), metrics
 
 
-def eval_step(state: TrainState, batch: dict[str, jax.Array], *, loss: str = 'softmax'
-              ) -> dict[str, jax.Array]:
-  """Masked sums over batch {'inputs', 'label', 'mask' [B] (0 = padding)}: loss, correct, count."""
-  logits = state.apply_fn({'params': state.params}, batch['inputs'], train=False)
+def eval_step(state: TrainState, batch: dict[str, jax.Array], *, loss: str = 'softmax',
+              num_microbatches: int = 1) -> dict[str, jax.Array]:
+  """Masked sums over batch {'inputs', 'label', 'mask' [B] (0 = padding)}: loss, correct, count.
+
+  With `num_microbatches` M > 1 the forward pass runs over M micro-batches in sequence (faster on
+  CPU, the same logits).
+  """
+  apply = lambda x: state.apply_fn({'params': state.params}, x, train=False)
+  if num_microbatches == 1:
+    logits = apply(batch['inputs'])
+  else:
+    logits = jax.lax.map(apply, _microbatches(batch['inputs'], num_microbatches))  # [M, B/M, K]
+    logits = logits.swapaxes(0, 1).reshape(-1, logits.shape[-1])  # [B, K]
   mask = batch['mask'].astype(jnp.float32)
   losses = example_losses(logits, batch['label'], loss=loss)
   correct = (jnp.argmax(logits, axis=-1) == batch['label']).astype(jnp.float32)
@@ -485,6 +553,25 @@ def _write_json(path: str, obj: Any) -> None:
 
 # ------------------------------------------------------------------------------------------------
 # The run.
+
+
+def use_one_device_per_cpu_core() -> int:
+  """Splits the host CPU into one XLA device per core; returns the count. Call before JAX runs.
+
+  XLA executes most of a CPU program on one thread, so a 2-core machine sits half idle; with one
+  device per core the batch is sharded over the cores (about 2x here). Leaves an explicit choice
+  (XLA_FLAGS' --xla_force_host_platform_device_count or jax_num_cpu_devices) alone; on GPU/TPU it
+  only adds idle host devices.
+  """
+  if ('xla_force_host_platform_device_count' in os.environ.get('XLA_FLAGS', '')
+      or jax.config.jax_num_cpu_devices != -1):
+    return jax.config.jax_num_cpu_devices
+  cores = len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else os.cpu_count()
+  try:
+    jax.config.update('jax_num_cpu_devices', cores or 1)
+  except RuntimeError:  # The backend already started (e.g. in a notebook): keep its devices.
+    logging.warning('JAX already started; not splitting the CPU into one device per core.')
+  return cores or 1
 
 
 def make_mesh() -> Mesh:
@@ -636,9 +723,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                        f'config\'s {total_steps} steps; use another workdir.')
     wall_time = lambda: wall_offset + time.time() - run_start
     lr_fn = make_lr_schedule(_get(config, 'lr_configs'), total_steps)
-    step_fn = functools.partial(train_step, loss=_get(config, 'loss'),
-                                label_smoothing=_get(config, 'label_smoothing'))
-    eval_fn = functools.partial(eval_step, loss=_get(config, 'loss'))
+    step_fn = functools.partial(
+        train_step, loss=_get(config, 'loss'), label_smoothing=_get(config, 'label_smoothing'),
+        num_microbatches=num_microbatches(config, batch_size, num_devices))
+    eval_fn = functools.partial(eval_step, loss=_get(config, 'loss'), num_microbatches=(
+        num_microbatches(config, _get(config, 'eval_batch_size') or batch_size, num_devices)))
     make_runners = _in_memory_runners if ds.in_memory else \
         functools.partial(_stream_runners, start_step=start_step)
     run_chunk, evaluate = make_runners(ds=ds, config=config, state=state, rng=train_rng,
