@@ -12,63 +12,14 @@ Data: TFDS cifar10 (prepared copy in data_dir, else a download when the network 
 Expected test accuracy: not yet measured. Training time: not yet measured.
 """
 
-import ml_collections
-
-placeholder = ml_collections.config_dict.placeholder
+from configs import cifar10_tl
 
 
-def get_config() -> ml_collections.ConfigDict:
-  """Returns the CIFAR-10 ViT config."""
-  config = ml_collections.ConfigDict()
+def get_config():
+  """Returns configs/cifar10_tl.py without its TokenLearner."""
+  config = cifar10_tl.get_config()
   config.experiment_name = 'cifar10_vit'
-  config.dataset_name = 'cifar10'
-  config.dataset_configs = ml_collections.ConfigDict()
-  config.dataset_configs.data_dir = placeholder(str)  # None: TFDS's default data dir.
-  config.dataset_configs.allow_download = True
-  config.dataset_configs.download_timeout_s = 3.0
-  config.dataset_configs.validation_size = 5000  # Carved from the end of train.
-  config.dataset_configs.crop_padding = 4
-  config.dataset_configs.random_flip = True
-
-  config.batch_size = 128
-  config.eval_batch_size = 1000
-  config.num_training_epochs = 100
-  config.num_training_steps = placeholder(int)  # Set to override the epochs.
-  config.log_summary_steps = 100
-  config.log_eval_steps = 1000
-  config.checkpoint_steps = 2000
-  config.max_checkpoint_keep = 3
-  config.rng_seed = 42
-
-  config.optimizer = 'adamw'
-  config.optimizer_configs = ml_collections.ConfigDict()
-  config.optimizer_configs.beta1 = 0.9
-  config.optimizer_configs.beta2 = 0.999
-  config.optimizer_configs.weight_decay = 0.05
-  config.optimizer_configs.skip_scale_and_bias_regularization = True
-  config.max_grad_norm = 1.0
-  config.label_smoothing = 0.1
-  config.init_head_bias = placeholder(float)
-  config.lr_configs = ml_collections.ConfigDict()
-  config.lr_configs.learning_rate_schedule = 'compound'
-  config.lr_configs.factors = 'constant*linear_warmup*cosine_decay'
-  config.lr_configs.warmup_steps = 2000  # ~5 epochs of 351 steps.
-  config.lr_configs.base_learning_rate = 1e-3
-
-  config.model = ml_collections.ConfigDict()
-  config.model.hidden_size = 192
-  config.model.num_layers = 12
-  config.model.num_heads = 3
-  config.model.mlp_dim = 768
-  config.model.classifier = 'gap'
-  config.model.representation_size = placeholder(int)
-  config.model.dropout_rate = 0.1
-  config.model.attention_dropout_rate = 0.0
-  config.model.stochastic_depth = 0.1
-  config.model.positional_embedding = 'learned_1d'
-  config.model.tokenizer = ml_collections.ConfigDict()
-  config.model.tokenizer.type = 'patch'
-  config.model.tokenizer.patches = ml_collections.ConfigDict({'size': [4, 4]})
-  config.model_dtype_str = 'float32'
-  config.loss = 'softmax'
+  config.model.tokenizer.type = 'patch'  # A plain ViT: no learner, so its keys go too.
+  for key in ('num_tokens', 'tokenlearner_loc', 'use_v11', 'use_tokenfuse'):
+    del config.model.tokenizer[key]
   return config

