@@ -147,7 +147,9 @@ def test_microbatch_count_follows_config_and_backend():
   config = tiny_config()
   assert train.num_microbatches(config, 128, 2, backend='cpu') == 128 // train.CPU_MICROBATCH_SIZE
   assert train.num_microbatches(config, 128, 2, backend='gpu') == 1
-  assert train.num_microbatches(config, 24, 1, backend='cpu') == 1  # 16 does not divide 24.
+  assert train.num_microbatches(config, 24, 1, backend='cpu') == 2  # 12 per micro-batch.
+  assert train.num_microbatches(config, 1000, 2, backend='cpu') == 100  # 10 per micro-batch.
+  assert train.num_microbatches(config, 18, 4, backend='cpu') == 1  # Nothing fits: whole batch.
   config.microbatch_size = 8
   assert train.num_microbatches(config, 128, 8, backend='tpu') == 16
   config.microbatch_size = 12

@@ -213,13 +213,16 @@ def num_microbatches(config: ml_collections.ConfigDict, batch_size: int, num_dev
   """How many micro-batches a batch of `batch_size` is split into (1: no splitting).
 
   An explicit `microbatch_size` must divide the batch and be divisible by the device count
-  (validate_config checks); the CPU default falls back to 1 where it does not fit.
+  (validate_config checks). The CPU default is the largest size <= CPU_MICROBATCH_SIZE that does
+  both (e.g. 10 for an eval batch of 1000 on 2 devices), else the whole batch.
   """
   size = _get(config, 'microbatch_size')
   if size is None:
-    size = CPU_MICROBATCH_SIZE if (backend or jax.default_backend()) == 'cpu' else batch_size
-    if batch_size % size or size % num_devices:
+    if (backend or jax.default_backend()) != 'cpu':
       return 1
+    fits = [s for s in range(num_devices, CPU_MICROBATCH_SIZE + 1, num_devices)
+            if batch_size % s == 0]
+    size = fits[-1] if fits else batch_size
   return batch_size // size
 
 
