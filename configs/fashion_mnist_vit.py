@@ -8,7 +8,8 @@ Command:
 
 Data: a prepared TFDS fashion_mnist copy, else the IDX files of Debian's `dataset-fashion-mnist`
 package (/usr/share/datasets/fashion-mnist: the full 60,000 / 10,000 images), else a TFDS download.
-Expected test accuracy: not yet measured. Training time: not yet measured (2-core AMD EPYC CPU).
+Expected test accuracy: 77.5% (full Fashion-MNIST test set, 2,000 steps: under-trained; published small ViTs reach 92-93% after ~100 epochs).
+Training time: 25.5 min wall (176 train images/s) on a shared 2-core AMD EPYC CPU (measured 2026-11-24).
 """
 
 from configs import fashion_mnist_tl
