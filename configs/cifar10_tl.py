@@ -31,7 +31,7 @@ def get_config() -> ml_collections.ConfigDict:
   config.dataset_configs.random_flip = True
 
   config.batch_size = 128
-  config.eval_batch_size = 1000
+  config.eval_batch_size = 1024  # A multiple of microbatch_size.
   config.num_training_epochs = 100
   config.num_training_steps = placeholder(int)  # Set to override the epochs.
   config.log_summary_steps = 100
@@ -75,4 +75,7 @@ def get_config() -> ml_collections.ConfigDict:
   config.model.tokenizer.use_tokenfuse = False
   config.model_dtype_str = 'float32'
   config.loss = 'softmax'
+  # Micro-batches of 32 (the CPU default is 16): width 192 makes bigger matmuls, and 32 measured
+  # ~10% faster for ViT and TL on the 2-core CPU. On GPU/TPU set None for whole-batch steps.
+  config.microbatch_size = 32
   return config
