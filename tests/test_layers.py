@@ -4,7 +4,6 @@ XLA compiles dominate the run time on a small CPU, so most tests use random para
 numpy from `jax.eval_shape(init)`, and only the init tests run an initialiser.
 """
 
-import functools
 
 import chex
 import flax.linen as nn
@@ -12,24 +11,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from absl.testing import absltest
-from flax.traverse_util import flatten_dict
 
 from vit_flax import layers
+from model_helpers import param_shapes, random_variables
 
 B, N, D, HEADS = 2, 6, 16, 4
-# Tiny programs: skip XLA's expensive backend passes (compiling is the slow part here).
-_jit = functools.partial(jax.jit, compiler_options={'xla_backend_optimization_level': 0})
-
-
-def _shapes(variables):
-  return {k: v.shape for k, v in flatten_dict(variables['params'], sep='/').items()}
-
-
-def _variables(module, *args, **kwargs):
-  """Random variables with `module.init`'s tree, built in numpy (no init compile)."""
-  abstract = jax.eval_shape(lambda: module.init(jax.random.key(0), *args, **kwargs))
-  rng = np.random.default_rng(0)
-  return jax.tree.map(lambda a: jnp.asarray(0.5 * rng.standard_normal(a.shape), a.dtype), abstract)
 
 
 def _layer_norm(x, p, eps=1e-6):  # numpy reference, flax's defaults.
@@ -60,7 +46,7 @@ class PosembTest(absltest.TestCase):
 
   def test_learned_posemb_param_and_init(self):
     x = jnp.zeros((B, 196, 64))
-    out, v = _jit(lambda x: layers.AddPositionEmbs().init_with_output(jax.random.key(0), x))(x)
+    out, v = jax.jit(lambda x: layers.AddPositionEmbs().init_with_output(jax.random.key(0), x))(x)
     pe = v['params']['pos_embedding']
     self.assertEqual(pe.shape, (1, 196, 64))
     self.assertAlmostEqual(float(pe.std()), 0.02, delta=0.002)
@@ -73,8 +59,8 @@ class MlpAndAttentionTest(chex.TestCase):
   def test_mlp_shapes(self):
     mlp = layers.MlpBlock(32, out_dim=5)
     x = jax.random.normal(jax.random.key(0), (B, N, D))
-    v = _variables(mlp, x)
-    self.assertEqual(_shapes(v), {'Dense_0/kernel': (D, 32), 'Dense_0/bias': (32,),
+    v = random_variables(mlp, x)
+    self.assertEqual(param_shapes(v['params']), {'Dense_0/kernel': (D, 32), 'Dense_0/bias': (32,),
                                   'Dense_1/kernel': (32, 5), 'Dense_1/bias': (5,)})
     chex.assert_shape(self.variant(lambda x: mlp.apply(v, x))(x), (B, N, 5))
 
@@ -84,19 +70,19 @@ class MlpAndAttentionTest(chex.TestCase):
         jax.random.key(0), x))
     theirs = jax.eval_shape(lambda: nn.MultiHeadDotProductAttention(HEADS).init(
         jax.random.key(0), x))
-    self.assertEqual(_shapes(ours), _shapes(theirs))
-    self.assertEqual(_shapes(ours)['query/kernel'], (D, HEADS, D // HEADS))
-    self.assertEqual(_shapes(ours)['query/bias'], (HEADS, D // HEADS))
-    self.assertEqual(_shapes(ours)['out/kernel'], (HEADS, D // HEADS, D))
+    self.assertEqual(param_shapes(ours['params']), param_shapes(theirs['params']))
+    self.assertEqual(param_shapes(ours['params'])['query/kernel'], (D, HEADS, D // HEADS))
+    self.assertEqual(param_shapes(ours['params'])['query/bias'], (HEADS, D // HEADS))
+    self.assertEqual(param_shapes(ours['params'])['out/kernel'], (HEADS, D // HEADS, D))
 
   @chex.variants(with_jit=True, without_jit=True)
   def test_attention_equals_flax_and_sows_weights(self):
     x = jax.random.normal(jax.random.key(0), (B, N, D))
     mha = layers.MultiHeadDotProductAttention(HEADS)
-    v = _variables(mha, x)
+    v = random_variables(mha, x)
     out, state = self.variant(lambda x: mha.apply(v, x, mutable=['intermediates']))(x)
     chex.assert_shape(out, (B, N, D))
-    expected = _jit(nn.MultiHeadDotProductAttention(HEADS).apply)(v, x)
+    expected = jax.jit(nn.MultiHeadDotProductAttention(HEADS).apply)(v, x)
     np.testing.assert_allclose(out, expected, atol=1e-5)
     (weights,) = state['intermediates']['attention_weights']
     chex.assert_shape(weights, (B, HEADS, N, N))
@@ -105,11 +91,11 @@ class MlpAndAttentionTest(chex.TestCase):
   def test_attention_dropout(self):
     x = jax.random.normal(jax.random.key(0), (B, N, D))
     mha = layers.MultiHeadDotProductAttention(HEADS, dropout_rate=0.5)
-    v = _variables(mha, x)
-    apply = _jit(lambda x, key: mha.apply(v, x, train=True, rngs={'dropout': key}))
+    v = random_variables(mha, x)
+    apply = jax.jit(lambda x, key: mha.apply(v, x, train=True, rngs={'dropout': key}))
     out_a, out_b = apply(x, jax.random.key(2)), apply(x, jax.random.key(3))
     self.assertFalse(np.allclose(out_a, out_b))
-    det = _jit(mha.apply)(v, x)  # Not training: no rng needed, nothing sown, plain output.
+    det = jax.jit(mha.apply)(v, x)  # Not training: no rng needed, nothing sown, plain output.
     chex.assert_shape(det, (B, N, D))
     self.assertFalse(np.allclose(out_a, det))
 
@@ -145,7 +131,7 @@ class EncoderBlockTest(chex.TestCase):
     block = layers.Encoder1DBlock(mlp_dim=32, num_heads=HEADS, dropout_rate=0.1,
                                   attention_dropout_rate=0.1, stochastic_depth=0.1)
     x = jax.random.normal(jax.random.key(0), (B, N, D))
-    v = _variables(block, x)
+    v = random_variables(block, x)
     self.assertEqual(set(v['params']), {'LayerNorm_0', 'MultiHeadDotProductAttention_0',
                                         'LayerNorm_1', 'MlpBlock_0'})
     apply = self.variant(lambda x, key: block.apply(v, x, train=True, rngs={'dropout': key}))
@@ -156,7 +142,7 @@ class EncoderBlockTest(chex.TestCase):
   def test_inits(self):
     """Scenic's inits: xavier-uniform kernels, zero attention biases, normal(1e-6) MLP biases."""
     x = jnp.zeros((B, N, D))
-    p = _jit(lambda x: layers.Encoder1DBlock(32, HEADS).init(jax.random.key(0), x))(x)['params']
+    p = jax.jit(lambda x: layers.Encoder1DBlock(32, HEADS).init(jax.random.key(0), x))(x)['params']
     p = jax.tree.map(np.asarray, p)
     att, mlp = p['MultiHeadDotProductAttention_0'], p['MlpBlock_0']
     for kernel, fan_in, fan_out in [(att['query']['kernel'], D, D), (att['out']['kernel'], D, D),
@@ -176,8 +162,8 @@ class EncoderBlockTest(chex.TestCase):
     block = layers.Encoder1DBlock(mlp_dim=32, num_heads=HEADS, dropout_rate=0.5,
                                   attention_dropout_rate=0.5, stochastic_depth=0.5)
     x = jax.random.normal(jax.random.key(0), (B, N, D))
-    v = _variables(block, x)
-    out = _jit(block.apply)(v, x)
+    v = random_variables(block, x)
+    out = jax.jit(block.apply)(v, x)
     p = jax.tree.map(lambda a: np.asarray(a, np.float64), v['params'])
     xn = np.asarray(x, np.float64)
     att = p['MultiHeadDotProductAttention_0']

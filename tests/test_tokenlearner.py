@@ -4,34 +4,20 @@ XLA compiles dominate the run time on a small CPU, so most tests use random para
 numpy from `jax.eval_shape(init)`; only the fuser's zero-at-init test runs the initialisers.
 """
 
-import functools
 
 import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
 from absl.testing import absltest, parameterized
-from flax.traverse_util import flatten_dict
 
 from vit_flax import TokenFuser, TokenLearnerModule, TokenLearnerModuleV11
+from model_helpers import param_shapes, random_variables
 
 B, C, S = 2, 16, 4
-# Tiny programs: skip XLA's expensive backend passes (compiling is the slow part here).
-_jit = functools.partial(jax.jit, compiler_options={'xla_backend_optimization_level': 0})
-
-
-def _shapes(variables):
-  return {k: v.shape for k, v in flatten_dict(variables['params'], sep='/').items()}
 
 
 # Hand-written numpy references (float64; no XLA compiles, so the tests stay fast).
-
-
-def _init(module, *args, **kwargs):
-  """Random variables with `module.init`'s tree, built in numpy (no init compile)."""
-  abstract = jax.eval_shape(lambda: module.init(jax.random.key(0), *args, **kwargs))
-  rng = np.random.default_rng(0)
-  return jax.tree.map(lambda a: jnp.asarray(0.5 * rng.standard_normal(a.shape), a.dtype), abstract)
 
 
 def _layer_norm(x, p, eps=1e-6):
@@ -77,26 +63,26 @@ class LearnerShapesTest(chex.TestCase, parameterized.TestCase):
     h, w = grid_hw
     x = jax.random.normal(jax.random.key(0), (B, h * w, C))
     learner = cls(S)
-    v = _init(learner, x, grid_hw=grid_hw)
+    v = random_variables(learner, x, grid_hw=grid_hw)
     apply = self.variant(lambda x: learner.apply(v, x, grid_hw=grid_hw, mutable=['intermediates']))
     out, state = apply(x)
     chex.assert_shape(out, (B, S, C))
     (maps,) = state['intermediates']['token_maps']
     chex.assert_shape(maps, (B, S, h, w))
     # A [B, h, w, C] input gives the same result.
-    out4 = _jit(learner.apply)(v, x.reshape(B, h, w, C))
+    out4 = jax.jit(learner.apply)(v, x.reshape(B, h, w, C))
     np.testing.assert_allclose(out4, out, atol=1e-5)
 
   def test_param_trees(self):
     x = jnp.zeros((B, 16, C))
     v1 = jax.eval_shape(lambda: TokenLearnerModule(S).init(jax.random.key(0), x, grid_hw=(4, 4)))
-    self.assertEqual(_shapes(v1), {
+    self.assertEqual(param_shapes(v1['params']), {
         'LayerNorm_0/scale': (C,), 'LayerNorm_0/bias': (C,), 'Conv_0/kernel': (3, 3, C, S),
         'Conv_1/kernel': (3, 3, S, S), 'Conv_2/kernel': (3, 3, S, S),
         'Conv_3/kernel': (3, 3, S, S)})
     v11 = jax.eval_shape(
         lambda: TokenLearnerModuleV11(S).init(jax.random.key(0), x, grid_hw=(4, 4)))
-    self.assertEqual(_shapes(v11), {
+    self.assertEqual(param_shapes(v11['params']), {
         'LayerNorm_0/scale': (C,), 'LayerNorm_0/bias': (C,),
         'token_masking/Dense_0/kernel': (C, 64), 'token_masking/Dense_0/bias': (64,),
         'token_masking/Dense_1/kernel': (64, S), 'token_masking/Dense_1/bias': (S,)})
@@ -124,8 +110,8 @@ class LearnerMathTest(absltest.TestCase):
     h, w = 3, 5
     x = jax.random.normal(jax.random.key(0), (B, h * w, C)) * 3 + 1
     learner = TokenLearnerModuleV11(S)
-    v = _init(learner, x, grid_hw=(h, w))
-    apply = _jit(lambda x: learner.apply(v, x, grid_hw=(h, w), mutable=['intermediates']))
+    v = random_variables(learner, x, grid_hw=(h, w))
+    apply = jax.jit(lambda x: learner.apply(v, x, grid_hw=(h, w), mutable=['intermediates']))
     out, state = apply(x)
     (maps,) = state['intermediates']['token_maps']
     np.testing.assert_allclose(maps.sum((-2, -1)), 1.0, atol=1e-6)
@@ -142,8 +128,8 @@ class LearnerMathTest(absltest.TestCase):
   def test_v11_dropout_in_token_masking(self):
     x = jax.random.normal(jax.random.key(0), (B, 16, C))
     learner = TokenLearnerModuleV11(S, dropout_rate=0.5)
-    v = _init(learner, x)
-    apply = _jit(lambda x, key, train: learner.apply(v, x, train=train, rngs={'dropout': key}),
+    v = random_variables(learner, x)
+    apply = jax.jit(lambda x, key, train: learner.apply(v, x, train=train, rngs={'dropout': key}),
                     static_argnums=2)
     det = apply(x, jax.random.key(2), False)
     np.testing.assert_array_equal(det, apply(x, jax.random.key(3), False))
@@ -152,10 +138,12 @@ class LearnerMathTest(absltest.TestCase):
   def test_v1_equals_hand_written_math(self):
     h, w = 3, 5
     x = jax.random.normal(jax.random.key(0), (B, h * w, C))
-    v = _init(TokenLearnerModule(S), x, grid_hw=(h, w))  # Pooling does not change the params.
+    # Pooling does not change the params.
+    v = random_variables(TokenLearnerModule(S), x, grid_hw=(h, w))
     for sum_pooling in (True, False):
       learner = TokenLearnerModule(S, use_sum_pooling=sum_pooling)
-      out, state = _jit(lambda x: learner.apply(v, x, grid_hw=(h, w), mutable=['intermediates']))(x)
+      out, state = jax.jit(
+          lambda x: learner.apply(v, x, grid_hw=(h, w), mutable=['intermediates']))(x)
       p, xn = _np(v['params']), np.asarray(x, np.float64)
       a = _layer_norm(xn, p['LayerNorm_0']).reshape(B, h, w, C)
       for i in range(3):
@@ -176,20 +164,20 @@ class TokenFuserTest(chex.TestCase):
     tokens = jax.random.normal(jax.random.key(0), (B, S, C))
     original = jax.random.normal(jax.random.key(1), (B, n, C))
     fuser = TokenFuser(dropout_rate=0.1)
-    v = _jit(lambda t, o: fuser.init(jax.random.key(2), t, o))(tokens, original)  # Real init.
+    v = jax.jit(lambda t, o: fuser.init(jax.random.key(2), t, o))(tokens, original)  # Real init.
     out = self.variant(lambda t, o: fuser.apply(v, t, o))(tokens, original)
     chex.assert_shape(out, (B, n, C))
     np.testing.assert_array_equal(out, 0.0)
     # A 4-D original is flattened; the output is always [B, N, C].
-    chex.assert_shape(_jit(fuser.apply)(v, tokens, original.reshape(B, 3, 4, C)), (B, n, C))
+    chex.assert_shape(jax.jit(fuser.apply)(v, tokens, original.reshape(B, 3, 4, C)), (B, n, C))
 
   def test_tree_and_math(self):
     n = 12
     tokens = jax.random.normal(jax.random.key(0), (B, S, C))
     original = jax.random.normal(jax.random.key(1), (B, n, C))
     fuser = TokenFuser()
-    v = _init(fuser, tokens, original)
-    self.assertEqual(_shapes(v), {
+    v = random_variables(fuser, tokens, original)
+    self.assertEqual(param_shapes(v['params']), {
         'fuser_mix_norm1/scale': (C,), 'fuser_mix_norm1/bias': (C,),
         'Dense_0/kernel': (S, S), 'Dense_0/bias': (S,),
         'fuser_mix_norm2/scale': (C,), 'fuser_mix_norm2/bias': (C,),
@@ -204,7 +192,7 @@ class TokenFuserTest(chex.TestCase):
                       p['token_masking']))
     expected = np.einsum('...sc,...hs->...hc', y, m)
     p32 = jax.tree.map(lambda a: a.astype(np.float32), p)
-    np.testing.assert_allclose(_jit(fuser.apply)({'params': p32}, tokens, original), expected,
+    np.testing.assert_allclose(jax.jit(fuser.apply)({'params': p32}, tokens, original), expected,
                                atol=1e-5)
 
   def test_mismatched_inputs_raise(self):

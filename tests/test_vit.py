@@ -13,15 +13,17 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from absl.testing import absltest, parameterized
-from flax.traverse_util import flatten_dict
 
 import vit_flax
 from vit_flax import vit
+import model_helpers
+from model_helpers import param_shapes
+
+# Smaller random weights than the layer tests: deeper stacks stay in a useful range.
+random_variables = functools.partial(model_helpers.random_variables, scale=0.3)
 
 B, IMG, PATCH, D, LAYERS, HEADS, S, LOC = 2, 16, 4, 16, 3, 2, 4, 1
 N = (IMG // PATCH)**2  # 16 patch tokens.
-# Tiny programs: skip XLA's expensive backend passes (compiling is the slow part here).
-_jit = functools.partial(jax.jit, compiler_options={'xla_backend_optimization_level': 0})
 
 
 def _config(variant=None, tokenizer_type='patch', **overrides):
@@ -50,19 +52,8 @@ def _abstract_params(model, image_size=IMG):
       jax.random.key(0), jnp.zeros((1, image_size, image_size, 3)), train=False))['params']
 
 
-def _variables(module, *args, seed=0, **kwargs):
-  """Random variables with `module.init`'s tree, built in numpy (no slow init compile)."""
-  abstract = jax.eval_shape(lambda: module.init(jax.random.key(0), *args, **kwargs))
-  rng = np.random.default_rng(seed)
-  return jax.tree.map(lambda a: jnp.asarray(0.3 * rng.standard_normal(a.shape), a.dtype), abstract)
-
-
 def _count(params):
   return sum(int(np.prod(p.shape)) for p in jax.tree.leaves(params))
-
-
-def _paths(params):
-  return {k: v.shape for k, v in flatten_dict(params, sep='/').items()}
 
 
 class ParamCountTest(parameterized.TestCase):
@@ -84,7 +75,7 @@ class ParamCountTest(parameterized.TestCase):
 
   def test_b16_v11_tree_equals_spec(self):
     cfg = _config('B/16', tok_type='dynamic', tok_num_tokens=16, tok_tokenlearner_loc=9)
-    paths = _paths(_abstract_params(vit_flax.build_model(cfg, 1000), 224))
+    paths = param_shapes(_abstract_params(vit_flax.build_model(cfg, 1000), 224))
     expected = {
         'embedding/kernel': (16, 16, 3, 768), 'embedding/bias': (768,),
         'Transformer/posembed_input/pos_embedding': (1, 196, 768),
@@ -116,7 +107,7 @@ class ParamCountTest(parameterized.TestCase):
                   tok_use_v11=False)
     enc = _abstract_params(vit_flax.build_model(cfg, 1000), 224)['Transformer']
     tl = enc['TokenLearnerModule_0']
-    self.assertEqual(_paths(tl), {
+    self.assertEqual(param_shapes(tl), {
         'LayerNorm_0/scale': (768,), 'LayerNorm_0/bias': (768,), 'Conv_0/kernel': (3, 3, 768, 16),
         'Conv_1/kernel': (3, 3, 16, 16), 'Conv_2/kernel': (3, 3, 16, 16),
         'Conv_3/kernel': (3, 3, 16, 16)})
@@ -127,12 +118,12 @@ class ParamCountTest(parameterized.TestCase):
     self.assertEqual(extra, {'posembed_input', 'encoder_norm', 'TokenLearnerModuleV11_0',
                              'TokenLearnerModuleV11_1', 'TokenLearnerModuleV11_2', 'TokenFuser_0',
                              'TokenFuser_1', 'TokenFuser_2'})
-    self.assertEqual(set(_paths(enc['TokenFuser_2'])), {
+    self.assertEqual(set(param_shapes(enc['TokenFuser_2'])), {
         'fuser_mix_norm1/scale', 'fuser_mix_norm1/bias', 'fuser_mix_norm2/scale',
         'fuser_mix_norm2/bias', 'Dense_0/kernel', 'Dense_0/bias', 'LayerNorm_0/scale',
         'LayerNorm_0/bias', 'token_masking/Dense_0/kernel', 'token_masking/Dense_0/bias',
         'token_masking/Dense_1/kernel', 'token_masking/Dense_1/bias'})
-    self.assertEqual(_paths(enc['TokenFuser_0'])['Dense_0/kernel'], (16, 16))
+    self.assertEqual(param_shapes(enc['TokenFuser_0'])['Dense_0/kernel'], (16, 16))
 
   def test_token_classifier_and_pre_logits_params(self):
     params = _abstract_params(vit_flax.build_model(_config(classifier='token',
@@ -160,7 +151,7 @@ class ForwardTest(chex.TestCase, parameterized.TestCase):
     """Blocks from `loc` on see S tokens (+ CLS); sown shapes tell what each block attended over."""
     model = vit_flax.build_model(_config(**overrides), 10)
     images = jax.random.normal(jax.random.key(0), (B, IMG, IMG, 3))
-    variables = _variables(model, images)
+    variables = random_variables(model, images)
     apply = self.variant(lambda x: model.apply(variables, x, mutable=['intermediates']))
     logits, state = apply(images)
     chex.assert_shape(logits, (B, 10))
@@ -182,7 +173,7 @@ class ForwardTest(chex.TestCase, parameterized.TestCase):
                     patch_size=(PATCH, PATCH), classifier='token', tokenlearner_loc=0,
                     num_tokens=S, use_tokenfuse=True)
     images = jax.random.normal(jax.random.key(0), (B, IMG, IMG, 3))
-    logits, variables = _jit(lambda x: model.init_with_output(jax.random.key(1), x))(images)
+    logits, variables = jax.jit(lambda x: model.init_with_output(jax.random.key(1), x))(images)
     np.testing.assert_array_equal(logits, 0.0)
     p = variables['params']
     mix = p['Transformer']['TokenFuser_0']['Dense_0']
@@ -193,7 +184,7 @@ class ForwardTest(chex.TestCase, parameterized.TestCase):
     enc = vit.Encoder(1, 32, HEADS, has_cls_token=True, tokenlearner_loc=0, num_tokens=S,
                       use_tokenfuse=True)
     x = jax.random.normal(jax.random.key(2), (B, 1 + N, D))
-    out = _jit(lambda x: enc.apply({'params': p['Transformer']}, x, grid_hw=(4, 4)))(x)
+    out = jax.jit(lambda x: enc.apply({'params': p['Transformer']}, x, grid_hw=(4, 4)))(x)
     chex.assert_shape(out, (B, 1 + N, D))  # The fuser keeps all N tokens.
     y = (x + p['Transformer']['posembed_input']['pos_embedding'])[:, 1:]
     norm = p['Transformer']['encoder_norm']
@@ -219,8 +210,8 @@ class ForwardTest(chex.TestCase, parameterized.TestCase):
     """Scenic's TokenLearner model ignores stochastic_depth; here training drops residuals."""
     images = jax.random.normal(jax.random.key(0), (8, IMG, IMG, 3))
     model = vit_flax.build_model(_config(tokenizer_type='dynamic', stochastic_depth=0.5), 10)
-    variables = _variables(model, images)
-    apply = _jit(lambda x, key: model.apply(variables, x, train=True, rngs={'dropout': key}))
+    variables = random_variables(model, images)
+    apply = jax.jit(lambda x, key: model.apply(variables, x, train=True, rngs={'dropout': key}))
     # Dropout rates are 0, so only stochastic depth can make two training passes differ.
     self.assertFalse(np.allclose(apply(images, jax.random.key(2)), apply(images, jax.random.key(3)),
                                  atol=1e-4))
@@ -228,9 +219,9 @@ class ForwardTest(chex.TestCase, parameterized.TestCase):
   def test_bfloat16_compute_float32_params(self):
     model = vit_flax.build_model(_config(tokenizer_type='dynamic'), 10, dtype=jnp.bfloat16)
     images = jnp.ones((B, IMG, IMG, 3))
-    variables = _variables(model, images)  # Parameter dtypes are those init would create.
+    variables = random_variables(model, images)  # Parameter dtypes are those init would create.
     self.assertEqual({a.dtype for a in jax.tree.leaves(variables)}, {jnp.dtype(jnp.float32)})
-    logits, state = _jit(lambda x: model.apply(variables, x, mutable=['intermediates']))(images)
+    logits, state = jax.jit(lambda x: model.apply(variables, x, mutable=['intermediates']))(images)
     self.assertEqual(logits.dtype, jnp.bfloat16)
     (weights,) = state['intermediates']['Transformer']['encoderblock_0'][
         'MultiHeadDotProductAttention_0']['attention_weights']
