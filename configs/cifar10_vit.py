@@ -12,7 +12,7 @@ Data: TFDS cifar10 (prepared copy in data_dir, else a download when the network 
 Expected test accuracy: not yet measured. Training time: not yet measured.
 """
 
-from configs import cifar10_tl
+from vit_flax.configs import cifar10_tl
 
 
 def get_config():

@@ -13,7 +13,7 @@ Expected test accuracy: 74.5% (full Fashion-MNIST test set, 2,000 steps: under-t
 Training time: 7.8 min wall (598 train images/s) on a shared 2-core AMD EPYC CPU (measured 2026-11-24).
 """
 
-from configs import mnist_tl
+from vit_flax.configs import mnist_tl
 
 
 def get_config():

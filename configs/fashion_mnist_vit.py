@@ -12,7 +12,7 @@ Expected test accuracy: 77.5% (full Fashion-MNIST test set, 2,000 steps: under-t
 Training time: 25.5 min wall (176 train images/s) on a shared 2-core AMD EPYC CPU (measured 2026-11-24).
 """
 
-from configs import fashion_mnist_tl
+from vit_flax.configs import fashion_mnist_tl
 
 
 def get_config():

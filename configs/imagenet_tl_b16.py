@@ -80,7 +80,7 @@ def get_config() -> ml_collections.ConfigDict:
   config.model.positional_embedding = 'learned_1d'
   config.model.tokenizer = ml_collections.ConfigDict()
   config.model.tokenizer.type = 'dynamic'
-  config.model.tokenizer.patches = ml_collections.ConfigDict({'size': [16, 16]})
+  config.model.tokenizer.patches = ml_collections.ConfigDict({'size': (16, 16)})
   config.model.tokenizer.num_tokens = 16
   config.model.tokenizer.tokenlearner_loc = 9
   config.model.tokenizer.use_v11 = True

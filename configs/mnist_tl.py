@@ -71,7 +71,7 @@ def get_config() -> ml_collections.ConfigDict:
   config.model.positional_embedding = 'learned_1d'
   config.model.tokenizer = ml_collections.ConfigDict()
   config.model.tokenizer.type = 'dynamic'  # TokenLearner.
-  config.model.tokenizer.patches = ml_collections.ConfigDict({'size': [2, 2]})
+  config.model.tokenizer.patches = ml_collections.ConfigDict({'size': (2, 2)})
   config.model.tokenizer.num_tokens = 8
   config.model.tokenizer.tokenlearner_loc = 1  # Learn the tokens before this block.
   config.model.tokenizer.use_v11 = True

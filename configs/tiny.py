@@ -59,7 +59,7 @@ def get_config() -> ml_collections.ConfigDict:
   config.model.positional_embedding = 'learned_1d'
   config.model.tokenizer = ml_collections.ConfigDict()
   config.model.tokenizer.type = 'dynamic'
-  config.model.tokenizer.patches = ml_collections.ConfigDict({'size': [7, 7]})  # 4 x 4 tokens.
+  config.model.tokenizer.patches = ml_collections.ConfigDict({'size': (7, 7)})  # 4 x 4 tokens.
   config.model.tokenizer.num_tokens = 4
   config.model.tokenizer.tokenlearner_loc = 1
   config.model.tokenizer.use_v11 = True

@@ -8,6 +8,8 @@ import sys
 import pytest
 
 from vit_flax import benchmark
+from vit_flax import config as config_lib
+from vit_flax import flops
 
 CONFIGS = pathlib.Path(__file__).resolve().parent.parent / 'configs'
 SHAPE = (32, 32, 3)  # 8 x 8 = 64 patch tokens with 4 x 4 patches.
@@ -15,12 +17,12 @@ SHAPE = (32, 32, 3)  # 8 x 8 = 64 patch tokens with 4 x 4 patches.
 
 def _tiny_config(**overrides):
   """configs/tiny.py at width 96 / MLP 384 (matmuls dominate), 4 x 4 patches, no dropout."""
-  config = benchmark._load_config_file(CONFIGS / 'tiny.py')
+  config = config_lib.load_config_file(CONFIGS / 'tiny.py')
   config.batch_size = 8
   m = config.model
   m.hidden_size, m.num_layers, m.num_heads, m.mlp_dim = 96, 2, 2, 384
   m.dropout_rate = 0.0
-  m.tokenizer.patches.size = [4, 4]
+  m.tokenizer.patches.size = (4, 4)
   m.tokenizer.num_tokens, m.tokenizer.tokenlearner_loc = 8, 1
   for key, value in overrides.items():
     if key.startswith('tokenizer_'):
@@ -38,9 +40,9 @@ def _tiny_config(**overrides):
     dict(classifier='token', representation_size=32),
 ], ids=['vit', 'tl_v11', 'tl_v1', 'tl_fuser', 'cls_token_prelogits'])
 def test_xla_flops_match_analytic_count(overrides):
-  config = _tiny_config(**overrides)
-  xla = benchmark.xla_train_flops(config, SHAPE, 10)
-  analytic = benchmark.analytic_train_flops(config.model, SHAPE, 10)
+  config = config_lib.resolve(_tiny_config(**overrides))
+  xla = flops.train_flops_per_image(config, config_lib.build_model(config.model, 10), SHAPE)
+  analytic = flops.analytic_train_flops(config.model, SHAPE, 10)
   # XLA also counts elementwise work (softmax, LayerNorm, GELU, AdamW) that the formula leaves out.
   assert analytic <= xla <= 1.05 * analytic, (xla, analytic, xla / analytic)
 
@@ -54,23 +56,23 @@ def test_analytic_flops_by_hand():
              + 2 * 2 * n * n * d  # q k^T and weights v
              + 2 * 2 * n * d * m  # MLP
              + 2 * d * 10)  # head
-  assert benchmark.analytic_train_flops(config.model, SHAPE, 10) == 3 * forward
+  assert flops.analytic_train_flops(config.model, SHAPE, 10) == 3 * forward
 
 
-def test_tokenlearner_reduces_flops_like_the_issue_presets():
-  # The issue's XLA counts: mnist 0.285 (ViT) / 0.083 (TL) GFLOP per image; cifar 2.18 / 1.23.
+def test_tokenlearner_reduces_flops_like_the_presets():
+  # XLA's counts for the presets: mnist 0.285 (ViT) / 0.083 (TL) GFLOP per image; cifar 2.18 / 1.23.
   expected = {'mnist': (0.285e9, 0.083e9), 'cifar': (2.18e9, 1.23e9)}
   for name, (vit_flops, tl_flops) in expected.items():
     config, shape, num_classes = benchmark.preset_config(name)
-    vit = benchmark.analytic_train_flops(
-        benchmark.with_tokenlearner(config, False).model, shape, num_classes)
-    tl = benchmark.analytic_train_flops(config.model, shape, num_classes)
+    vit = flops.analytic_train_flops(
+        config_lib.with_tokenlearner(config, False).model, shape, num_classes)
+    tl = flops.analytic_train_flops(config.model, shape, num_classes)
     assert vit == pytest.approx(vit_flops, rel=0.06) and tl == pytest.approx(tl_flops, rel=0.06)
 
 
 @pytest.mark.parametrize('loop', ['chunk', 'step'])
 def test_benchmark_model_returns_sane_numbers(loop):
-  config = benchmark._load_config_file(CONFIGS / 'tiny.py')
+  config = config_lib.load_config_file(CONFIGS / 'tiny.py')
   config.batch_size = config.eval_batch_size = 16
   r = benchmark.benchmark_model(config, (28, 28, 1), 10, loop=loop, steps_per_call=2,
                                 min_time_s=0.3, windows=2, peak_gflops=100.0)
@@ -91,15 +93,15 @@ def test_time_steps_counts_calls():
   assert len(out['window_step_s']) == 3 and out['step_s'] >= 0
 
 
-def test_preset_models_match_the_issue():
+def test_preset_models():
   config, shape, num_classes = benchmark.preset_config('mnist')
   assert (shape, num_classes, config.batch_size) == ((28, 28, 1), 10, 128)
   m = config.model
   assert (m.hidden_size, m.num_layers, m.num_heads, m.mlp_dim, m.classifier) == (64, 4, 4, 128,
                                                                                    'gap')
   assert (m.tokenizer.patches.size, m.tokenizer.num_tokens, m.tokenizer.tokenlearner_loc) == (
-      [2, 2], 8, 1)
-  assert benchmark.with_tokenlearner(config, False).model.tokenizer.type == 'patch'
+      (2, 2), 8, 1)
+  assert config_lib.with_tokenlearner(config, False).model.tokenizer.type == 'patch'
   assert config.model.tokenizer.type == 'dynamic'  # with_tokenlearner copies.
 
 
@@ -112,14 +114,13 @@ def test_torch_twin_has_the_same_parameter_count(tokenlearner):
   finally:
     sys.path.pop(0)
   config, shape, num_classes = benchmark.preset_config('mnist')
-  config = benchmark.with_tokenlearner(config, tokenlearner)
+  config = config_lib.with_tokenlearner(config, tokenlearner)
   torch_model = torch_vit.ViT(
       image_shape=shape, patch=(2, 2), width=64, num_layers=4, num_heads=4, mlp_dim=128,
       num_classes=num_classes, num_tokens=8 if tokenlearner else None, tokenlearner_loc=1)
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
-  from vit_flax import vit  # pylint: disable=g-import-not-at-top
-  params = jax.eval_shape(lambda: vit.build_model(config.model, num_classes).init(
+  params = jax.eval_shape(lambda: config_lib.build_model(config.model, num_classes).init(
       jax.random.key(0), jnp.zeros((1, *shape)))['params'])
   flax_count = sum(math.prod(p.shape) for p in jax.tree.leaves(params))
   assert sum(p.numel() for p in torch_model.parameters()) == flax_count
@@ -142,7 +143,7 @@ def test_format_report_shows_speedups_and_torch_errors():
 
 @pytest.mark.skipif(importlib.util.find_spec('torch') is None, reason='PyTorch not installed')
 def test_torch_twin_runs_in_a_subprocess():
-  config = benchmark._load_config_file(CONFIGS / 'tiny.py')
+  config = config_lib.load_config_file(CONFIGS / 'tiny.py')
   r = benchmark.torch_images_per_s(config, (28, 28, 1), 10, min_time_s=0.2, windows=2)
   assert r['images_per_s'] > 0 and len(r['window_step_s']) == 2 and r['threads'] >= 1
   config.model.tokenizer.use_tokenfuse = True

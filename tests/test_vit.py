@@ -252,12 +252,12 @@ class ConfigTest(parameterized.TestCase):
                      ('gap', 0.1, 'learned_1d'))
 
   @parameterized.named_parameters(
-      ('unknown_key', dict(patch_size=4), r"Unknown model config keys: \['patch_size'\]"),
+      ('unknown_key', dict(patch_size=4), 'unknown key model.patch_size'),
       ('unknown_tokenizer_key', dict(tok_temporal_encoding_config=1),
        r"tokenizer.temporal_encoding_config"),
       ('classifier', dict(classifier='map'), 'unknown classifier'),
       ('posemb', dict(positional_embedding='sinusoidal_1d'), 'unknown positional_embedding'),
-      ('tokenizer_type', dict(tok_type='video'), 'Unknown tokenizer.type'),
+      ('tokenizer_type', dict(tok_type='video'), 'tokenizer.type must be one of'),
       ('loc_too_big', dict(tokenizer_type='dynamic', tok_tokenlearner_loc=LAYERS),
        'tokenlearner_loc'),
       ('loc_negative', dict(tokenizer_type='dynamic', tok_tokenlearner_loc=-1), 'tokenlearner_loc'),
@@ -271,11 +271,12 @@ class ConfigTest(parameterized.TestCase):
     with self.assertRaisesRegex(ValueError, pattern):
       vit_flax.build_model(_config(**overrides), 10)
 
-  def test_validate_model_config_checks_image_size(self):
-    cfg = _config()
-    self.assertEqual(vit.validate_model_config(cfg, (IMG, IMG, 3))['hidden_size'], D)
+  def test_check_vit_checks_image_size(self):
+    model = vit_flax.build_model(_config(), 10)
+    self.assertEqual(model.hidden_size, D)
+    vit.check_vit(model, (IMG, IMG, 3))
     with self.assertRaisesRegex(ValueError, 'not divisible by the patch size'):
-      vit.validate_model_config(cfg, (IMG + 2, IMG, 3))
+      vit.check_vit(model, (IMG + 2, IMG, 3))
 
   def test_call_time_errors(self):
     model = vit_flax.build_model(_config(), 10)

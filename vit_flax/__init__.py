@@ -1,7 +1,8 @@
 """vit_flax: Vision Transformers with TokenLearner / TokenFuser in JAX + Flax (scenic-faithful)."""
 
+from vit_flax.config import build_model, load_config_file, resolve
 from vit_flax.tokenlearner import TokenFuser, TokenLearnerModule, TokenLearnerModuleV11
-from vit_flax.vit import ViT, build_model, decode_variant
+from vit_flax.vit import ViT, decode_variant
 
 __all__ = [
     'TokenFuser',
@@ -10,4 +11,6 @@ __all__ = [
     'ViT',
     'build_model',
     'decode_variant',
+    'load_config_file',
+    'resolve',
 ]

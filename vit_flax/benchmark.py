@@ -4,13 +4,12 @@ r"""Times vit_flax's jitted train step (and eval) on synthetic data; optional Py
   python -m vit_flax.benchmark --config=configs/mnist_tl.py [--config.batch_size=256]
 
 For each model (by default the config's model with and without its TokenLearner) it builds the
-train state with `train.create_train_state` on the trainer's mesh, puts synthetic data on the
-device(s), compiles the trainer's own step ahead of time and runs it for `--min_time_s` seconds
-split into `--windows` windows (each ending in `block_until_ready`), reporting the median window.
-`--loop=chunk` (default) times `train.train_chunk`, the loop the trainer runs for in-memory datasets
-(`--steps_per_call` steps of `train.train_step` per dispatch, batches gathered and augmented on
-device); `--loop=step` times one jitted `train.train_step` per dispatch on a batch already on the
-device(s). It prints:
+train state on the trainer's mesh, makes synthetic data shaped like the config's dataset and times
+the trainer's own runners (`loops.make_runners`) for `--min_time_s` seconds split into `--windows`
+windows (each ending in `block_until_ready`), reporting the median window. `--loop=chunk` (default)
+times the loop the trainer runs for in-memory datasets (`--steps_per_call` steps per dispatch,
+batches gathered and augmented on device); `--loop=step` its loop for streamed datasets (a host
+batch `device_put` and one jitted step per step). It prints:
 
 * train and eval images/s;
 * one train step's FLOPs per image by XLA's cost analysis (a multiply-add is 2 FLOPs) and, beside
@@ -25,7 +24,7 @@ The machine may be shared: compare numbers from one run, not across runs.
 """
 
 from collections.abc import Callable, Sequence
-import functools
+import dataclasses
 import importlib.util
 import json
 import os
@@ -40,17 +39,18 @@ from absl import app
 from absl import flags
 from absl import logging
 import jax
-import jax.numpy as jnp
 from jax.sharding import NamedSharding, PartitionSpec as P
 import ml_collections
 from ml_collections import config_flags
 import numpy as np
 
+from vit_flax import config as config_lib
+from vit_flax import flops
 from vit_flax import input_pipeline
-from vit_flax import train
-from vit_flax import vit
+from vit_flax import loops
+from vit_flax import steps
 
-# The issue's two comparison models (train batch 128, 10 classes, no dropout).
+# The two comparison models of the speed table (train batch 128, 10 classes, no dropout).
 PRESETS = {
     'mnist': dict(image_shape=(28, 28, 1), patch=2, hidden_size=64, num_layers=4, num_heads=4,
                   mlp_dim=128, num_tokens=8, tokenlearner_loc=1, config='mnist_tl.py',
@@ -62,74 +62,12 @@ PRESETS = {
 PRESET_BATCH_SIZE = 128
 PRESET_NUM_CLASSES = 10
 TORCH_SCRIPT = pathlib.Path(__file__).resolve().parent.parent / 'benchmarks' / 'torch_vit.py'
-TL_BOTTLENECK = 64  # TokenLearner V1.1 / TokenFuser `token_masking` width (scenic's fixed value).
-
-
-def analytic_train_flops(model_config: ml_collections.ConfigDict, image_shape: Sequence[int],
-                         num_classes: int) -> float:
-  """FLOPs of one train step per image: 3 x the forward matmuls/convs/attention (1 MAC = 2 FLOPs).
-
-  Counts the patch embedding, Q/K/V/out projections, both attention products, the MLPs, the
-  TokenLearner (V1.1: C -> 64 -> S MLP and the weighted sum; V1: four 3x3 convs and the pooling),
-  the TokenFuser, pre-logits and head. Elementwise work (softmax, LayerNorm, GELU, the optimizer)
-  is left out; it adds a few percent on small models.
-  """
-  m = vit.model_kwargs(model_config)
-  h, w, c = image_shape
-  ph, pw = m['patch_size']
-  n = (h // ph) * (w // pw)  # Patch tokens.
-  d, loc, s = m['hidden_size'], m.get('tokenlearner_loc'), m.get('num_tokens')
-  extra = 1 if m['classifier'] == 'token' else 0  # The CLS token.
-  flops = 2 * n * (ph * pw * c) * d  # Patch embedding conv.
-
-  def block(tokens):  # Q, K, V, out projections + MLP, then QK^T and AV.
-    return 2 * tokens * d * (4 * d + 2 * m['mlp_dim']) + 4 * tokens * tokens * d
-
-  def learner():
-    if not m.get('use_v11', True):  # V1: 3x3 convs C->S, then 3 x S->S; sigmoid-weighted sum.
-      return 2 * n * 9 * s * (d + 3 * s) + 2 * s * n * d
-    return 2 * n * TL_BOTTLENECK * (d + s) + 2 * s * n * d  # MLP C->64->S, weighted sum.
-
-  def fuser():  # Token mixing S->S, mask MLP C->64->S, then M @ Y.
-    return 2 * d * s * s + 2 * n * TL_BOTTLENECK * (d + s) + 2 * n * s * d
-
-  tokens = n
-  for layer in range(m['num_layers']):
-    if loc is not None and m.get('use_tokenfuse') and layer >= loc:
-      flops += learner() + block(s + extra) + fuser()
-      continue
-    if loc is not None and layer == loc:
-      flops += learner()
-      tokens = s
-    flops += block(tokens + extra)
-  width = m['representation_size'] or d
-  if m['representation_size']:
-    flops += 2 * d * width
-  flops += 2 * width * num_classes
-  return 3.0 * flops
-
-
-def with_tokenlearner(config: ml_collections.ConfigDict, enabled: bool, *,
-                      num_tokens: int | None = None,
-                      tokenlearner_loc: int | None = None) -> ml_collections.ConfigDict:
-  """A copy of `config` whose model is 'dynamic' (TokenLearner) or 'patch' (plain ViT)."""
-  config = ml_collections.ConfigDict(config.to_dict())  # Unlocked deep copy.
-  config.model.tokenizer.type = 'dynamic' if enabled else 'patch'
-  if num_tokens is not None:
-    config.model.tokenizer.num_tokens = num_tokens
-  if tokenlearner_loc is not None:
-    config.model.tokenizer.tokenlearner_loc = tokenlearner_loc
-  return config
 
 
 def preset_config(name: str) -> tuple[ml_collections.ConfigDict, tuple[int, int, int], int]:
   """(config, image_shape, num_classes) for a preset: a repo config with the preset's model."""
   p = PRESETS[name]
-  configs_dir = pathlib.Path(__file__).resolve().parent.parent / 'configs'
-  path = configs_dir / p['config']
-  if not path.exists():  # Training settings barely matter for speed; tiny.py always exists.
-    path = configs_dir / 'tiny.py'
-  config = ml_collections.ConfigDict(_load_config_file(path).to_dict())
+  config = config_lib.load_config_file(p['config'])
   config.dataset_name = p['dataset']
   m = config.model
   m.hidden_size, m.num_layers = p['hidden_size'], p['num_layers']
@@ -138,7 +76,7 @@ def preset_config(name: str) -> tuple[ml_collections.ConfigDict, tuple[int, int,
   m.dropout_rate = m.attention_dropout_rate = 0.0
   if 'stochastic_depth' in m:
     m.stochastic_depth = 0.0
-  m.tokenizer.patches.size = [p['patch'], p['patch']]
+  m.tokenizer.patches.size = (p['patch'], p['patch'])
   m.tokenizer.num_tokens, m.tokenizer.tokenlearner_loc = p['num_tokens'], p['tokenlearner_loc']
   m.tokenizer.use_v11, m.tokenizer.use_tokenfuse = True, False
   m.tokenizer.type = 'dynamic'
@@ -148,34 +86,13 @@ def preset_config(name: str) -> tuple[ml_collections.ConfigDict, tuple[int, int,
   return config, p['image_shape'], PRESET_NUM_CLASSES
 
 
-def _load_config_file(path: pathlib.Path) -> ml_collections.ConfigDict:
-  spec = importlib.util.spec_from_file_location(f'_vit_flax_config_{path.stem}', path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config()
-
-
 def dataset_shape(config: ml_collections.ConfigDict) -> tuple[tuple[int, int, int], int]:
-  """(image_shape, num_classes) of the config's dataset; loads it only if the trainer can't."""
-  shape = train.known_image_shape(config)
+  """(image_shape, num_classes) of a resolved config's dataset; loads it only if not known by name."""
+  shape = input_pipeline.image_shape(config.dataset_name, config.dataset_configs)
   if shape is not None:
-    return tuple(shape), train.KNOWN_DATASETS[config.dataset_name][1]
+    return tuple(shape), input_pipeline.DATASETS[config.dataset_name.split(':')[0]].num_classes
   ds = input_pipeline.load_dataset(config)
   return tuple(ds.image_shape), ds.num_classes
-
-
-def matmul_peak_gflops(n: int = 2048, repeats: int = 5) -> float:
-  """Best-of-`repeats` f32 `[n, n] @ [n, n]` GFLOP/s with jnp on the default device."""
-  a = jax.random.normal(jax.random.key(0), (n, n), jnp.float32)
-  b = jax.random.normal(jax.random.key(1), (n, n), jnp.float32)
-  matmul = jax.jit(jnp.matmul)
-  matmul(a, b).block_until_ready()
-  best = float('inf')
-  for _ in range(repeats):
-    start = time.perf_counter()
-    matmul(a, b).block_until_ready()
-    best = min(best, time.perf_counter() - start)
-  return 2 * n**3 / best / 1e9
 
 
 def time_steps(step: Callable[[Any], Any], carry: Any, *, min_time_s: float = 10.0,
@@ -201,180 +118,120 @@ def time_steps(step: Callable[[Any], Any], carry: Any, *, min_time_s: float = 10
               carry=carry)
 
 
-def _cost_flops(lowered_or_compiled) -> float | None:
-  """FLOPs from XLA's cost analysis (a lowered module counts the whole, unpartitioned batch)."""
-  cost = lowered_or_compiled.cost_analysis()
-  if isinstance(cost, (list, tuple)):  # Older JAX: one dict per program.
-    cost = cost[0] if cost else None
-  return float(cost['flops']) if cost and 'flops' in cost else None
+def synthetic_dataset(config: ml_collections.ConfigDict, image_shape: Sequence[int],
+                      num_classes: int, num_train: int, num_test: int, *, streamed: bool = False
+                      ) -> input_pipeline.Dataset:
+  """Random uint8 images and labels shaped like the config's data, in memory or as a stream.
 
+  The stream repeats one normalised train batch and covers the test images once per eval, as
+  `input_pipeline`'s streamed datasets do (host batches, one `device_put` per step).
+  """
+  rng = np.random.default_rng(0)
+  h, w, c = image_shape
+  train_images = rng.integers(0, 256, (num_train, h, w, c), np.uint8)
+  train_labels = rng.integers(0, num_classes, (num_train,), np.int32)
+  test_images = rng.integers(0, 256, (num_test, h, w, c), np.uint8)
+  test_labels = rng.integers(0, num_classes, (num_test,), np.int32)
+  info = input_pipeline.DATASETS.get(config.dataset_name.split(':')[0])
+  mean, std = (info.mean, info.std) if info and len(info.mean) == c else ((0.5,) * c, (0.25,) * c)
+  ds = input_pipeline.Dataset(
+      name='synthetic', source='synthetic', num_classes=num_classes, image_shape=(h, w, c),
+      num_train=num_train, num_valid=0, num_test=num_test, mean=mean, std=std,
+      in_memory=not streamed)
+  if not streamed:
+    return dataclasses.replace(ds, train_images=train_images, train_labels=train_labels,
+                               test_images=test_images, test_labels=test_labels)
+  normalise = lambda x: ((x / 255.0 - np.asarray(mean)) / np.asarray(std)).astype(np.float32)
 
-def forward_flops(config: ml_collections.ConfigDict, image_shape: Sequence[int],
-                  num_classes: int) -> float:
-  """XLA's FLOP count of one inference forward pass at batch 1 (the trainer's gflops_per_image)."""
-  model = vit.build_model(config.model, num_classes)
-  x = jax.ShapeDtypeStruct((1, *image_shape), jnp.float32)
-  params = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros(x.shape), train=False))
-  forward = jax.jit(lambda v, x: model.apply(v, x, train=False))
-  return _cost_flops(forward.lower(params, x)) or 0.0
+  def train_iter(batch_size, seed):
+    del seed
+    batch = {'inputs': normalise(train_images[:batch_size]), 'label': train_labels[:batch_size],
+             'mask': np.ones(batch_size, np.float32)}
+    while True:
+      yield batch
 
+  def eval_iter(split, batch_size):
+    del split
+    for i in range(0, num_test, batch_size):
+      yield {'inputs': normalise(test_images[i:i + batch_size]),
+             'label': test_labels[i:i + batch_size], 'mask': np.ones(batch_size, np.float32)}
 
-def xla_train_flops(config: ml_collections.ConfigDict, image_shape: Sequence[int],
-                    num_classes: int) -> float | None:
-  """XLA's FLOP count of one `train.train_step` per image (traced and lowered, not compiled)."""
-  model = vit.build_model(config.model, num_classes,
-                          dtype=train.DTYPES[config.get('model_dtype_str', 'float32')])
-  state = jax.eval_shape(lambda: train.create_train_state(
-      jax.random.key(0), config, model, (1, *image_shape), config.get('num_training_steps') or 1))
-  step_fn = functools.partial(train.train_step, loss=config.get('loss', 'softmax'),
-                              label_smoothing=config.get('label_smoothing'))
-  return _step_flops(state, step_fn, config.batch_size, image_shape)
-
-
-def _step_flops(state, step_fn, batch_size: int, image_shape: Sequence[int]) -> float | None:
-  """Per-image FLOPs of `step_fn`; the lowered (unpartitioned) module counts the global batch."""
-  batch = {'inputs': jax.ShapeDtypeStruct((batch_size, *image_shape), jnp.float32),
-           'label': jax.ShapeDtypeStruct((batch_size,), jnp.int32)}
-  rng = jax.ShapeDtypeStruct((), jax.random.key(0).dtype)
-  flops = _cost_flops(jax.jit(step_fn).lower(state, batch, rng))
-  return flops / batch_size if flops is not None else None
+  return dataclasses.replace(ds, train_iter=train_iter, eval_iter=eval_iter)
 
 
 def benchmark_model(config: ml_collections.ConfigDict, image_shape: Sequence[int],
                     num_classes: int, *, loop: str = 'chunk', steps_per_call: int = 4,
                     min_time_s: float = 10.0, windows: int = 5, eval_step: bool = True,
                     peak_gflops: float | None = None) -> dict[str, Any]:
-  """Compiles and times the trainer's train step (and eval) for `config` on synthetic data.
+  """Times the trainer's own runners (`loops.make_runners`) for `config` on synthetic data.
 
   Args:
-    config: a training config (model, batch sizes, optimizer as the trainer reads them).
+    config: a training config (resolved here).
     image_shape: (H, W, C) of the synthetic images.
     num_classes: classes of the synthetic labels.
-    loop: 'chunk' times `train.train_chunk`, the trainer's loop for in-memory datasets
-      (`steps_per_call` train steps per dispatch in a `lax.while_loop`, batches gathered and
-      preprocessed on device from a uint8 dataset of `steps_per_call` batches); 'step' times one
-      jitted `train.train_step` per dispatch on a normalised float batch already on the device(s)
-      (the trainer's path for streamed datasets).
-    steps_per_call: train steps per dispatch with loop='chunk'.
-    min_time_s: timed seconds of training (eval gets half), split into `windows` windows.
+    loop: 'chunk' times the trainer's path for in-memory datasets (`steps_per_call` train steps
+      per dispatch in a `lax.while_loop`, batches gathered and augmented on device); 'step' its
+      path for streamed datasets (one `device_put` of a host batch and one jitted step per step).
+    steps_per_call: train steps per timed call.
+    min_time_s: timed seconds of training, split into `windows` windows.
     windows: timing windows; the median window is reported.
-    eval_step: also time evaluation (`evaluate_arrays` over about as many images as one train
-      call, whole eval batches, with 'chunk'; one jitted `eval_step` per dispatch with 'step'),
-      for half of `min_time_s` in at most 3 windows.
+    eval_step: also time `evaluate` over about as many images as one train call (whole eval
+      batches), the median of up to 3 evaluations.
     peak_gflops: the machine's matmul peak, to report the achieved share of it.
 
   Returns:
-    A dict: name, tokenizer, num_params, batch_size, devices, loop, compile_s, train_step_s,
-    train_images_per_s, train_window_step_s, eval_images_per_s, xla_train_flops_per_image
-    (XLA's count for one `train_step`, per image), analytic_train_flops_per_image,
-    train_gflops_per_s (achieved, by XLA's count) and peak_fraction (given `peak_gflops`).
+    A dict: name, tokenizer, num_params, batch_size, devices, loop, compile_s (building the
+    runners plus the first, untimed call), train_step_s, train_images_per_s, train_window_step_s,
+    eval_images_per_s, xla_train_flops_per_image (XLA's count for one `train_step`, per image),
+    analytic_train_flops_per_image, train_gflops_per_s (achieved, by XLA's count) and
+    peak_fraction (given `peak_gflops`).
   """
   if loop not in ('chunk', 'step'):
     raise ValueError(f"loop must be 'chunk' or 'step', got {loop!r}.")
+  config = config_lib.resolve(config, num_devices=jax.device_count())
   batch_size = config.batch_size
-  eval_batch_size = config.get('eval_batch_size') or batch_size
-  mesh = train.make_mesh()
+  mesh = loops.make_mesh()
   replicated = NamedSharding(mesh, P())
-  batch_sharding = NamedSharding(mesh, P('data'))
-  dtype = train.DTYPES[config.get('model_dtype_str', 'float32')]
-  model = vit.build_model(config.model, num_classes, dtype=dtype)
-  rng = jax.random.key(config.get('rng_seed', 0))
-  state = train.create_train_state(rng, config, model, (1, *image_shape),
-                                   config.get('num_training_steps') or 10_000, replicated)
+  model = config_lib.build_model(config.model, num_classes,
+                                 dtype=config_lib.DTYPES[config.model_dtype_str])
+  state = steps.create_train_state(jax.random.key(config.rng_seed), config, model,
+                                   (1, *image_shape), config.num_training_steps or 10_000,
+                                   replicated)
   num_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(state.params))
-  loss = config.get('loss', 'softmax')
-  step_fn = functools.partial(train.train_step, loss=loss,
-                              label_smoothing=config.get('label_smoothing'))
-  # XLA's cost analysis counts a loop body once, so FLOPs come from the unsplit step; the timed
-  # steps split batches into micro-batches exactly as the trainer does.
-  xla_flops = _step_flops(state, step_fn, batch_size, image_shape)
-  num_devices = jax.device_count()
-  step_fn = functools.partial(
-      step_fn, num_microbatches=train.num_microbatches(config, batch_size, num_devices))
-  eval_fn = functools.partial(
-      train.eval_step, loss=loss,
-      num_microbatches=train.num_microbatches(config, eval_batch_size, num_devices))
-  train_rng = jax.device_put(jax.random.key(1), replicated)
-
-  data_rng = np.random.default_rng(0)
+  xla_flops = flops.train_flops_per_image(config, model, image_shape)
+  images_per_call = batch_size * steps_per_call
+  num_test = config.eval_batch_size * max(1, round(images_per_call / config.eval_batch_size))
+  ds = synthetic_dataset(config, image_shape, num_classes, images_per_call, num_test,
+                         streamed=loop == 'step')
+  rng = jax.device_put(jax.random.key(1), replicated)
   start = time.perf_counter()
-  if loop == 'chunk':
-    n = batch_size * steps_per_call
-    images = jax.device_put(data_rng.integers(0, 256, (n, *image_shape), np.uint8), replicated)
-    labels = jax.device_put(data_rng.integers(0, num_classes, (n,), np.int32), replicated)
-    dc = train.dataset_configs(config)
-    augment = functools.partial(input_pipeline.preprocess, train=True, dataset=_stats(config),
-                                crop_padding=dc['crop_padding'], random_flip=dc['random_flip'])
-    scalar = lambda v: jax.device_put(np.int32(v), replicated)
-    args = (images, labels, train_rng, scalar(0), scalar(0), scalar(steps_per_call))
-    chunk = jax.jit(functools.partial(
-        train.train_chunk, batch_size=batch_size, step_fn=step_fn, preprocess_fn=augment,
-        batch_sharding=batch_sharding), donate_argnums=0, out_shardings=replicated)
-    compiled = chunk.lower(state, *args).compile()
-    run_train = lambda s: compiled(s, *args)[0]
-    images_per_call = n
-  else:
-    batch = jax.device_put({
-        'inputs': data_rng.standard_normal((batch_size, *image_shape), np.float32),
-        'label': data_rng.integers(0, num_classes, (batch_size,), np.int32)}, batch_sharding)
-    compiled = jax.jit(step_fn, donate_argnums=0, out_shardings=replicated).lower(
-        state, batch, train_rng).compile()
-    run_train = lambda s: compiled(s, batch, train_rng)[0]
-    images_per_call = batch_size
+  runners = loops.make_runners(ds, config, state, rng, mesh)
+  run_train = lambda s: runners.run_chunk(s, 0, steps_per_call)[0]
+  state = jax.block_until_ready(run_train(state))  # Streamed runners compile on first use.
   compile_s = time.perf_counter() - start
   timing = time_steps(run_train, state, min_time_s=min_time_s, windows=windows)
   state = timing['carry']
   call_s = timing['step_s']
   result = dict(
       name=_model_name(config), tokenizer=config.model.tokenizer.type, num_params=num_params,
-      batch_size=batch_size, image_shape=list(image_shape), devices=len(mesh.devices.flat),
-      loop=loop, compile_s=compile_s, train_step_s=call_s * batch_size / images_per_call,
+      batch_size=batch_size, image_shape=list(image_shape), devices=mesh.devices.size,
+      loop=loop, compile_s=compile_s, train_step_s=call_s / steps_per_call,
       train_images_per_s=images_per_call / call_s,
-      train_window_step_s=[t * batch_size / images_per_call for t in timing['window_step_s']],
+      train_window_step_s=[t / steps_per_call for t in timing['window_step_s']],
       calls_per_window=timing['steps_per_window'], xla_train_flops_per_image=xla_flops,
-      analytic_train_flops_per_image=analytic_train_flops(config.model, image_shape, num_classes))
+      analytic_train_flops_per_image=flops.analytic_train_flops(config.model, image_shape,
+                                                                num_classes))
   if xla_flops is not None:
     result['train_gflops_per_s'] = xla_flops * result['train_images_per_s'] / 1e9
     if peak_gflops:
       result['peak_fraction'] = result['train_gflops_per_s'] / peak_gflops
   if eval_step:
-    eval_batches = max(1, round(images_per_call / eval_batch_size))
-    result.update(_time_eval(state, eval_fn, loop, eval_batch_size, eval_batches, image_shape,
-                             num_classes, _stats(config), replicated, batch_sharding,
-                             min_time_s / 2, min(windows, 3)))
+    runners.evaluate(state, 'test')  # Compiles.
+    seconds = statistics.median(runners.evaluate(state, 'test')[1]
+                                for _ in range(min(windows, 3)))
+    result.update(eval_step_s=seconds * config.eval_batch_size / num_test,
+                  eval_images_per_s=num_test / seconds)
   return result
-
-
-def _time_eval(state, eval_fn, loop, batch_size, num_batches, image_shape, num_classes, stats,
-               replicated, batch_sharding, min_time_s, windows) -> dict[str, float]:
-  """Eval images/s: the trainer's `evaluate_arrays` ('chunk') or one `eval_step` per dispatch."""
-  data_rng = np.random.default_rng(1)
-  n = batch_size * (num_batches if loop == 'chunk' else 1)
-  images = data_rng.integers(0, 256, (n, *image_shape), np.uint8)
-  labels = data_rng.integers(0, num_classes, (n,), np.int32)
-  mask = np.ones((n,), np.float32)
-  if loop == 'chunk':
-    normalise = lambda x: input_pipeline.preprocess(x, None, train=False, dataset=stats)
-    data = jax.device_put((images, labels, mask), replicated)
-    compiled = jax.jit(functools.partial(
-        train.evaluate_arrays, batch_size=batch_size, eval_fn=eval_fn, preprocess_fn=normalise,
-        batch_sharding=batch_sharding), out_shardings=replicated).lower(state, *data).compile()
-    run = lambda s: (s, compiled(s, *data))
-  else:
-    batch = jax.device_put({'inputs': (images / 255.0).astype(np.float32), 'label': labels,
-                            'mask': mask}, batch_sharding)
-    compiled = jax.jit(eval_fn, out_shardings=replicated).lower(state, batch).compile()
-    run = lambda s: (s, compiled(s, batch))
-  # Each call's result is blocked on (the carry holds it), so calls never overlap.
-  timing = time_steps(lambda c: jax.block_until_ready(run(c[0])), (state, None),
-                      min_time_s=min_time_s, windows=windows)
-  return dict(eval_step_s=timing['step_s'] * batch_size / n,
-              eval_images_per_s=n / timing['step_s'])
-
-
-def _stats(config: ml_collections.ConfigDict) -> str:
-  """The dataset whose mean/std normalise the synthetic images (any works for timing)."""
-  return config.dataset_name if config.dataset_name in input_pipeline.MEAN_STD else 'mnist'
 
 
 def _model_name(config: ml_collections.ConfigDict) -> str:
@@ -396,7 +253,7 @@ def torch_images_per_s(config: ml_collections.ConfigDict, image_shape: Sequence[
   """
   if importlib.util.find_spec('torch') is None:
     return dict(error='PyTorch is not installed (pip install torch) - skipped.')
-  m = vit.model_kwargs(config.model)
+  m = config_lib.model_kwargs(config.model)
   unsupported = [what for what, bad in (
       ('TokenLearner V1', m.get('tokenlearner_loc') is not None and not m.get('use_v11')),
       ('TokenFuser', m.get('use_tokenfuse')),
@@ -438,10 +295,10 @@ def run_benchmark(config: ml_collections.ConfigDict, image_shape: Sequence[int],
   `peak_fraction` is its achieved train GFLOP/s over it. `kwargs` go to `benchmark_model`.
   """
   tl = {'both': (False, True), 'yes': (True,), 'no': (False,)}[with_tl]
-  peaks = [matmul_peak_gflops()]
+  peaks = [flops.matmul_peak_gflops()]
   results = []
   for enabled in tl:
-    cfg = with_tokenlearner(config, enabled)
+    cfg = config_lib.with_tokenlearner(config, enabled)
     r = benchmark_model(cfg, image_shape, num_classes, **kwargs)
     if torch:
       r['torch'] = torch_images_per_s(cfg, image_shape, num_classes,
@@ -449,7 +306,7 @@ def run_benchmark(config: ml_collections.ConfigDict, image_shape: Sequence[int],
                                       windows=kwargs.get('windows', 5))
     results.append(r)
     logging.info('%s', _report_line(r))
-  peaks.append(matmul_peak_gflops())
+  peaks.append(flops.matmul_peak_gflops())
   peak = max(peaks)
   for r in results:
     if 'train_gflops_per_s' in r:
@@ -525,7 +382,7 @@ def _define_flags() -> None:
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
-  train.use_one_device_per_cpu_core()  # As `vit_flax.main` does, so the numbers match training.
+  loops.use_one_device_per_cpu_core()  # As `vit_flax.main` does, so the numbers match training.
   f = flags.FLAGS
   if (f.config is None) == (f.preset is None):
     raise app.UsageError('Give exactly one of --config and --preset.')
@@ -533,7 +390,7 @@ def main(argv):
     config, image_shape, num_classes = preset_config(f.preset)
   else:
     config = f.config
-    image_shape, num_classes = dataset_shape(config)
+    image_shape, num_classes = dataset_shape(config_lib.resolve(config))
   report = run_benchmark(config, image_shape, num_classes, with_tl=f.with_tokenlearner,
                          torch=f.torch, loop=f.loop, steps_per_call=f.steps_per_call,
                          min_time_s=f.min_time_s, windows=f.windows, eval_step=f.eval)
@@ -544,4 +401,4 @@ def main(argv):
 
 if __name__ == '__main__':
   _define_flags()
-  app.run(main)
+  app.run(main, argv=config_lib.find_shipped_configs(sys.argv))

@@ -25,6 +25,7 @@ import json
 import os
 import pathlib
 import platform
+import sys
 import time
 from typing import Any
 
@@ -36,6 +37,10 @@ import ml_collections
 from ml_collections import config_flags
 
 from vit_flax import benchmark
+from vit_flax import config as config_lib
+from vit_flax import flops
+from vit_flax import loops
+from vit_flax import rundir
 from vit_flax import train
 
 NOT_REACHED = 'not reached'
@@ -44,23 +49,15 @@ NOT_REACHED = 'not reached'
 def variants(config: ml_collections.ConfigDict, num_tokens: Sequence[int] = (),
              tokenlearner_locs: Sequence[int] = ()) -> list[tuple[str, ml_collections.ConfigDict]]:
   """[(run name, config)]: the plain ViT, then the TokenLearner model or every sweep point."""
-  runs = [('vit', benchmark.with_tokenlearner(config, False))]
+  runs = [('vit', config_lib.with_tokenlearner(config, False))]
   if not num_tokens and not tokenlearner_locs:
-    return runs + [('tl', benchmark.with_tokenlearner(config, True))]
+    return runs + [('tl', config_lib.with_tokenlearner(config, True))]
   tokenizer = config.model.tokenizer
   for s in num_tokens or [tokenizer.num_tokens]:
     for loc in tokenlearner_locs or [tokenizer.tokenlearner_loc]:
-      runs.append((f'tl_S{s}_L{loc}', benchmark.with_tokenlearner(
+      runs.append((f'tl_S{s}_L{loc}', config_lib.with_tokenlearner(
           config, True, num_tokens=int(s), tokenlearner_loc=int(loc))))
   return runs
-
-
-def read_metrics(workdir: str | os.PathLike) -> list[dict[str, Any]]:
-  """The records of WORKDIR/metrics.jsonl (empty if there is none)."""
-  path = pathlib.Path(workdir) / 'metrics.jsonl'
-  if not path.exists():
-    return []
-  return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
 def accuracy_curve(records: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -88,7 +85,7 @@ def train_row(name: str, config: ml_collections.ConfigDict, workdir: pathlib.Pat
   logging.info('compare: run %r in %s', name, workdir)
   start = time.perf_counter()
   summary = train.train_and_evaluate(config, str(workdir))  # Returns at once if finished.
-  curve = accuracy_curve(read_metrics(workdir))
+  curve = accuracy_curve(rundir.read_metrics(str(workdir)))
   reached = time_to_target(curve, target) if target is not None else None
   return dict(
       _model_fields(name, config), workdir=str(workdir), num_params=summary.get('num_params'),
@@ -108,7 +105,8 @@ def benchmark_row(name: str, config: ml_collections.ConfigDict, image_shape, num
   r = benchmark.benchmark_model(config, image_shape, num_classes, min_time_s=min_time_s)
   return dict(
       _model_fields(name, config), num_params=r['num_params'],
-      gflops_per_image=benchmark.forward_flops(config, image_shape, num_classes) / 1e9,
+      gflops_per_image=flops.forward_gflops(
+          config_lib.build_model(config.model, num_classes), image_shape),
       train_images_per_s=r['train_images_per_s'], eval_images_per_s=r.get('eval_images_per_s'),
       train_gflops_per_image=r['xla_train_flops_per_image'] / 1e9
       if r['xla_train_flops_per_image'] else None,
@@ -141,11 +139,11 @@ def run_comparison(config: ml_collections.ConfigDict, workdir: str | os.PathLike
                 target_accuracy=None if benchmark_only else target_accuracy,
                 machine=_machine(), rows=[])
   if benchmark_only:
-    image_shape, num_classes = benchmark.dataset_shape(config)
-    peaks = [benchmark.matmul_peak_gflops()]
+    image_shape, num_classes = benchmark.dataset_shape(config_lib.resolve(config))
+    peaks = [flops.matmul_peak_gflops()]
     for run, cfg in runs:
       result['rows'].append(benchmark_row(run, cfg, image_shape, num_classes, min_time_s))
-    peaks.append(benchmark.matmul_peak_gflops())
+    peaks.append(flops.matmul_peak_gflops())
     result['matmul_peak_gflops'] = peak = max(peaks)  # The less disturbed of before and after.
     for row in result['rows']:
       row['peak_fraction'] = row['train_gflops_per_s'] / peak if row['train_gflops_per_s'] else None
@@ -310,7 +308,7 @@ def _define_flags() -> None:
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
-  train.use_one_device_per_cpu_core()  # As `vit_flax.main` does, so the numbers match training.
+  loops.use_one_device_per_cpu_core()  # As `vit_flax.main` does, so the numbers match training.
   f = flags.FLAGS
   if f.config is None:
     raise app.UsageError('--config is required.')
@@ -326,4 +324,4 @@ def main(argv):
 
 if __name__ == '__main__':
   _define_flags()
-  app.run(main)
+  app.run(main, argv=config_lib.find_shipped_configs(sys.argv))

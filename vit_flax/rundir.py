@@ -1,5 +1,6 @@
-"""Orbax checkpoints of a training run: WORKDIR/checkpoints/<step>/{params,opt_state,rng,meta}.
+"""A run directory's files: orbax checkpoints, config.json, metrics.jsonl and summary.json.
 
+WORKDIR/checkpoints/<step>/{params,opt_state,rng,meta} are orbax checkpoints.
 Parameters, optimizer state and the run's base rng are separate items, so `load_run` restores the
 parameters alone (for visualisation and comparison) without rebuilding the optimizer. `meta` is a
 small JSON item: the step and the accumulated training wall time.
@@ -11,9 +12,12 @@ import os
 from typing import Any
 
 from absl import logging
+from flax import traverse_util
 import jax
 import ml_collections
 import orbax.checkpoint as ocp
+
+from vit_flax import config as config_lib
 
 
 class _QuietOrbax(std_logging.Filter):
@@ -89,7 +93,7 @@ def load_run(workdir: str) -> tuple[ml_collections.ConfigDict, Any, int]:
   if not os.path.exists(config_path):
     raise FileNotFoundError(f'{config_path} not found: is {workdir!r} a vit_flax run directory?')
   with open(config_path) as f:
-    config = ml_collections.ConfigDict(json.load(f))
+    config = config_lib.resolve(ml_collections.ConfigDict(json.load(f)))
   manager = make_manager(workdir, max_to_keep=None)
   step = manager.latest_step()
   if step is None:
@@ -102,3 +106,67 @@ def load_run(workdir: str) -> tuple[ml_collections.ConfigDict, Any, int]:
       params=ocp.args.StandardRestore(abstract)))
   manager.close()
   return config, restored['params'], int(step)
+
+
+class MetricsLog:
+  """WORKDIR/metrics.jsonl (one JSON object per line) plus clu TensorBoard scalars."""
+
+  def __init__(self, workdir: str, resume_step: int):
+    from clu import metric_writers  # pylint: disable=g-import-not-at-top  (imports TensorFlow)
+    self.path = os.path.join(workdir, 'metrics.jsonl')
+    # Drop records past the checkpoint we resume from: those steps are trained again.
+    records = self.records()
+    with open(self.path, 'w') as f:
+      f.writelines(json.dumps(r) + '\n' for r in records if r['step'] <= resume_step and
+                   not any(k.startswith('test_') for k in r))
+    self.writer = metric_writers.AsyncWriter(metric_writers.SummaryWriter(workdir))
+
+  def records(self) -> list[dict[str, Any]]:
+    return read_metrics(os.path.dirname(self.path))
+
+  def write(self, step: int, wall_time_s: float, scalars: dict[str, float]) -> None:
+    with open(self.path, 'a') as f:
+      f.write(json.dumps({'step': step, 'wall_time_s': round(wall_time_s, 3), **scalars}) + '\n')
+    self.writer.write_scalars(step, scalars)
+
+  def close(self) -> None:
+    self.writer.flush()
+    self.writer.close()
+
+
+def write_json(path: str, obj: Any) -> None:
+  """Writes `obj` as JSON atomically (a temporary file, then a rename)."""
+  with open(path + '.tmp', 'w') as f:
+    json.dump(obj, f, indent=2)
+  os.replace(path + '.tmp', path)
+
+
+def write_config(config: ml_collections.ConfigDict, workdir: str) -> None:
+  """Writes WORKDIR/config.json, warning when it replaces a different config of the same run."""
+  path = os.path.join(workdir, 'config.json')
+  new = json.loads(config.to_json_best_effort())
+  if os.path.exists(path):
+    with open(path) as f:
+      old = json.load(f)
+    if old != new:
+      flat_old = traverse_util.flatten_dict(old, sep='.')
+      flat_new = traverse_util.flatten_dict(new, sep='.')
+      changed = sorted(k for k in set(flat_old) | set(flat_new)
+                       if flat_old.get(k) != flat_new.get(k))
+      logging.warning('config.json in %s differs from this config in %s; resuming anyway.',
+                      workdir, changed)
+  write_json(path, new)
+
+
+def read_json(path: str) -> Any:
+  with open(path) as f:
+    return json.load(f)
+
+
+def read_metrics(workdir: str) -> list[dict[str, Any]]:
+  """The records of WORKDIR/metrics.jsonl, one dict per line (empty if there is none)."""
+  path = os.path.join(workdir, 'metrics.jsonl')
+  if not os.path.exists(path):
+    return []
+  with open(path) as f:
+    return [json.loads(line) for line in f if line.strip()]

@@ -1,0 +1,350 @@
+"""The training config: its defaults, the one validation pass, model construction and loading.
+
+A config is an `ml_collections.ConfigDict` in scenic's schema (see `DEFAULTS`). `resolve(config)`
+fills every default, checks every key and value in one pass (the dataset's image shape and class
+count come from `input_pipeline.DATASETS`, so nothing is loaded), and returns a locked copy that the
+trainer and the tools read as plain `config.x`. `build_model(config.model, num_classes)` maps the
+model section onto `vit.ViT`'s fields.
+"""
+
+import copy
+import difflib
+import importlib.util
+import math
+import os
+import pathlib
+from collections.abc import Mapping
+from typing import Any
+
+import jax.numpy as jnp
+import ml_collections
+
+from vit_flax import input_pipeline
+from vit_flax import vit
+
+REQUIRED = '<required>'  # Marks a key without a default.
+
+# Every top-level key the trainer reads, with its default (scenic's names and meanings).
+DEFAULTS = {
+    'experiment_name': '',  # Only logged.
+    'dataset_name': REQUIRED,  # TFDS name: mnist | fashion_mnist | cifar10 | imagenet2012 | ...
+    'dataset_configs': input_pipeline.DATASET_CONFIG_DEFAULTS,
+    'batch_size': REQUIRED,  # Global train batch, split over devices.
+    'eval_batch_size': None,  # None: batch_size.
+    'num_training_epochs': None,  # Used when num_training_steps is None.
+    'num_training_steps': None,  # Wins over num_training_epochs.
+    'log_eval_steps': REQUIRED,  # Validation every this many steps (and at the end).
+    'log_summary_steps': None,  # Train metrics every this many steps; None: log_eval_steps.
+    'checkpoint': True,  # Save (and resume from) checkpoints in WORKDIR/checkpoints.
+    'checkpoint_steps': None,  # Save every this many steps (and at the end); None: log_eval_steps.
+    'max_checkpoint_keep': 3,
+    'rng_seed': 0,  # Seeds init, dropout, augmentation and the data order.
+    'optimizer': 'adamw',  # adam | adamw | sgd (keys of OPTIMIZER_DEFAULTS).
+    'optimizer_configs': None,  # Keys: OPTIMIZER_DEFAULTS[optimizer].
+    'max_grad_norm': None,  # Global-norm gradient clipping; None: off.
+    'label_smoothing': None,  # Targets y * (1 - ls) + ls / K; None: off.
+    'init_head_bias': None,  # Fill value of every output_projection bias; None: zeros.
+    'lr_configs': REQUIRED,  # Keys: LR_FACTOR_KEYS of its factors.
+    'model': REQUIRED,  # scenic's model schema: MODEL_DEFAULTS and TOKENIZER_DEFAULTS.
+    'model_dtype_str': 'float32',  # Compute dtype: float32 | bfloat16 | float16.
+    'loss': 'softmax',  # softmax (cross-entropy) | sigmoid (scenic's multilabel loss).
+    # Examples per gradient micro-batch (summed inside the step; the update is unchanged).
+    # None: loops.CPU_MICROBATCH_SIZE on CPU, where small micro-batches keep activations in cache;
+    # the whole batch on GPU/TPU.
+    'microbatch_size': None,
+}
+# Optimizer -> its optimizer_configs keys with defaults. 'adam' with weight_decay is AdamW, as in
+# scenic: decoupled decay scaled by the learning rate, on every parameter unless
+# skip_scale_and_bias_regularization masks the 1-D ones (biases, LayerNorm scales).
+_ADAM_DEFAULTS = {'beta1': 0.9, 'beta2': 0.999, 'epsilon': 1e-8, 'weight_decay': 0.0,
+                  'skip_scale_and_bias_regularization': False}
+OPTIMIZER_DEFAULTS = {
+    'adam': _ADAM_DEFAULTS,
+    'adamw': _ADAM_DEFAULTS,
+    'sgd': {'momentum': 0.9, 'nesterov': False, 'weight_decay': 0.0,  # wd: L2 added to gradients.
+            'skip_scale_and_bias_regularization': False},
+}
+# lr_configs keys each compound factor reads (scenic's train_lib/lr_schedules.py).
+LR_FACTOR_KEYS = {
+    'constant': ('base_learning_rate',),
+    'linear_warmup': ('warmup_steps', 'warmup_alpha'),
+    'cosine_decay': ('warmup_steps', 'steps_per_cycle', 'total_steps', 'alpha'),
+    'linear_decay': ('warmup_steps', 'total_steps', 'end_learning_rate'),
+}
+# config.model keys with scenic's defaults (sizes come from `variant` or are required).
+MODEL_DEFAULTS = {
+    'variant': None,  # e.g. 'B/16': fills the four sizes and the patch size; explicit keys win.
+    'hidden_size': None, 'num_layers': None, 'num_heads': None, 'mlp_dim': None,
+    'classifier': 'gap', 'representation_size': None, 'dropout_rate': 0.1,
+    'attention_dropout_rate': 0.1, 'stochastic_depth': 0.0, 'positional_embedding': 'learned_1d',
+    'tokenizer': None,
+}
+TOKENIZER_DEFAULTS = {'type': 'patch', 'patches': None}
+# tokenizer keys read when type == 'dynamic' (allowed, and unread, for 'patch', so one config can
+# switch its learner off with --config.model.tokenizer.type=patch).
+LEARNER_DEFAULTS = {
+    'num_tokens': 8, 'tokenlearner_loc': None, 'use_v11': True, 'use_tokenfuse': False}
+LEARNER_KEYS = tuple(LEARNER_DEFAULTS)
+DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16, 'float16': jnp.float16}
+_POSITIVE_INTS = ('batch_size', 'eval_batch_size', 'num_training_steps', 'log_eval_steps',
+                  'log_summary_steps', 'checkpoint_steps', 'max_checkpoint_keep',
+                  'microbatch_size')
+
+
+class ConfigError(ValueError):
+  """A config that cannot run; the message is one line listing every problem."""
+
+
+def _as_dict(cfg: Any) -> dict[str, Any]:
+  """A ConfigDict / FrozenConfigDict / Mapping (or None) as a plain nested dict."""
+  if cfg is None:
+    return {}
+  if hasattr(cfg, 'to_dict'):
+    return cfg.to_dict()
+  if isinstance(cfg, Mapping):
+    return {k: _as_dict(v) if isinstance(v, Mapping) else v for k, v in cfg.items()}
+  raise ConfigError(f'Expected a ConfigDict or mapping, got {type(cfg).__name__}.')
+
+
+def _merge(defaults: Mapping[str, Any], given: Mapping[str, Any], prefix: str,
+           errors: list[str]) -> dict[str, Any]:
+  """`given` over `defaults` (one level); unknown and missing required keys go to `errors`."""
+  for key in sorted(set(given) - set(defaults)):
+    close = difflib.get_close_matches(key, list(defaults), n=1)
+    errors.append(f'unknown key {prefix}{key}' + (f' (did you mean {prefix}{close[0]}?)'
+                                                  if close else ' (nothing reads it)'))
+  merged = {k: given.get(k, v) for k, v in defaults.items()}
+  errors += [f'missing key {prefix}{k}' for k, v in merged.items() if v is REQUIRED]
+  return merged
+
+
+def resolve_model(model_config: Any, errors: list[str] | None = None) -> dict[str, Any]:
+  """scenic's `config.model` with every default filled and `variant` expanded.
+
+  Sizes absent from the config come from `variant`; patches.size becomes a 2-tuple. With `errors`
+  given, problems are appended to it; otherwise the first batch raises ConfigError.
+  """
+  own = errors is None
+  errors = [] if own else errors
+  model = _merge(MODEL_DEFAULTS, _as_dict(model_config), 'model.', errors)
+  tokenizer = _as_dict(model['tokenizer'])
+  tok_type = tokenizer.get('type', 'patch')
+  tokenizer = _merge(dict(TOKENIZER_DEFAULTS, **LEARNER_DEFAULTS), tokenizer, 'model.tokenizer.',
+                     errors)
+  if tok_type == 'dynamic' and tokenizer['tokenlearner_loc'] is None:
+    errors.append("model.tokenizer.tokenlearner_loc is needed by tokenizer.type 'dynamic'")
+  if tok_type not in vit.TOKENIZER_TYPES:
+    errors.append(f'model.tokenizer.type must be one of {vit.TOKENIZER_TYPES}, got {tok_type!r}')
+  patches = _merge({'size': None}, _as_dict(tokenizer['patches']), 'model.tokenizer.patches.',
+                   errors)
+  sizes = {}
+  if model['variant']:
+    try:
+      sizes = vit.decode_variant(model['variant'])
+    except ValueError as e:
+      errors.append(str(e).rstrip('.'))
+  for key in ('hidden_size', 'num_layers', 'num_heads', 'mlp_dim'):
+    if model[key] is None:
+      model[key] = sizes.get(key)
+  size = patches['size'] if patches['size'] is not None else sizes.get('patch_size')
+  if isinstance(size, int):
+    size = (size, size)
+  patches['size'] = tuple(size) if size is not None else None
+  missing = [k for k in ('hidden_size', 'num_layers', 'num_heads', 'mlp_dim') if model[k] is None]
+  missing += ['tokenizer.patches.size'] if patches['size'] is None else []
+  if missing:
+    errors.append(f'model lacks {", ".join(missing)} (give them, or a variant like "B/16")')
+  tokenizer['patches'] = patches
+  model['tokenizer'] = tokenizer
+  if own and errors:
+    raise ConfigError('Invalid model config: ' + '; '.join(errors) + '.')
+  return model
+
+
+def model_kwargs(model_config: Any) -> dict[str, Any]:
+  """`vit.ViT` fields (all but num_classes and dtype) for scenic's `config.model` schema."""
+  m = resolve_model(model_config)
+  tok = m['tokenizer']
+  kw = {k: m[k] for k in ('hidden_size', 'num_layers', 'num_heads', 'mlp_dim', 'classifier',
+                          'representation_size', 'positional_embedding')}
+  kw.update(patch_size=tuple(int(s) for s in tok['patches']['size']),
+            dropout_rate=float(m['dropout_rate']),
+            attention_dropout_rate=float(m['attention_dropout_rate']),
+            stochastic_depth=float(m['stochastic_depth']))
+  if tok['type'] == 'dynamic':
+    kw.update(tokenlearner_loc=int(tok['tokenlearner_loc']), num_tokens=int(tok['num_tokens']),
+              use_v11=bool(tok['use_v11']), use_tokenfuse=bool(tok['use_tokenfuse']))
+  return kw
+
+
+def build_model(model_config: Any, num_classes: int, *, dtype: Any = jnp.float32) -> vit.ViT:
+  """The `vit.ViT` described by scenic's `config.model` schema (defaults as in MODEL_DEFAULTS).
+
+  `dtype` (e.g. jnp.bfloat16 or 'bfloat16') is the compute dtype; parameters stay float32.
+  Raises ConfigError for a config that cannot be built.
+  """
+  model = vit.ViT(num_classes=num_classes, dtype=jnp.dtype(dtype), **model_kwargs(model_config))
+  try:
+    vit.check_vit(model)
+  except ValueError as e:
+    raise ConfigError(str(e)) from None
+  return model
+
+
+def with_tokenlearner(config: ml_collections.ConfigDict, enabled: bool, *,
+                      num_tokens: int | None = None,
+                      tokenlearner_loc: int | None = None) -> ml_collections.ConfigDict:
+  """A copy of `config` whose model is 'dynamic' (TokenLearner) or 'patch' (plain ViT).
+
+  Nothing else changes: a 'patch' model keeps (and ignores) the learner's tokenizer keys.
+  """
+  config = copy.deepcopy(config)  # Keeps placeholders, so CLI overrides still type-check.
+  with config.unlocked():
+    tokenizer = config.model.tokenizer
+    tokenizer.type = 'dynamic' if enabled else 'patch'
+    if num_tokens is not None:
+      tokenizer.num_tokens = num_tokens
+    if tokenlearner_loc is not None:
+      tokenizer.tokenlearner_loc = tokenlearner_loc
+  return config
+
+
+def resolve(config: ml_collections.ConfigDict, *, num_devices: int | None = None
+            ) -> ml_collections.ConfigDict:
+  """Fills every default, validates everything at once and returns a locked copy.
+
+  Checks unknown keys (with the closest known name), value ranges, batch sizes against
+  `num_devices` and the micro-batch size, the optimizer and schedule keys, and the model against
+  the dataset's image shape and class count when `input_pipeline.DATASETS` knows them. Idempotent.
+
+  Raises:
+    ConfigError: one line listing every problem found.
+  """
+  errors = []
+  c = _merge(DEFAULTS, _as_dict(config), '', errors)
+  if errors:  # The rest reads these keys.
+    raise ConfigError('Invalid config: ' + '; '.join(errors) + '.')
+  c['dataset_configs'] = _merge(input_pipeline.DATASET_CONFIG_DEFAULTS,
+                                _as_dict(c['dataset_configs']), 'dataset_configs.', errors)
+  if c['optimizer'] in OPTIMIZER_DEFAULTS:
+    c['optimizer_configs'] = _merge(OPTIMIZER_DEFAULTS[c['optimizer']],
+                                    _as_dict(c['optimizer_configs']), 'optimizer_configs.', errors)
+  else:
+    errors.append(f'optimizer must be one of {sorted(OPTIMIZER_DEFAULTS)}, got {c["optimizer"]!r}')
+  c['lr_configs'] = _resolve_lr_configs(_as_dict(c['lr_configs']), errors)
+  c['model'] = resolve_model(c['model'], errors)
+  for key in ('eval_batch_size',):
+    c[key] = c[key] or c['batch_size']
+  c['log_summary_steps'] = c['log_summary_steps'] or c['log_eval_steps']
+  c['checkpoint_steps'] = c['checkpoint_steps'] or c['log_eval_steps']
+  _check_values(c, num_devices, errors)
+  if errors:
+    raise ConfigError('Invalid config: ' + '; '.join(errors) + '.')
+  resolved = ml_collections.ConfigDict(c)
+  resolved.lock()
+  return resolved
+
+
+def _resolve_lr_configs(lr: dict[str, Any], errors: list[str]) -> dict[str, Any]:
+  """lr_configs with its factors' keys defaulted to None; unread keys are errors."""
+  if lr.get('learning_rate_schedule', 'compound') != 'compound':
+    errors.append(f"lr_configs.learning_rate_schedule must be 'compound', got "
+                  f"{lr['learning_rate_schedule']!r}")
+    return lr
+  factors = [f.strip() for f in str(lr.get('factors', '')).split('*')]
+  unknown = [f for f in factors if f not in LR_FACTOR_KEYS]
+  if unknown:
+    errors.append(f'lr_configs.factors has unknown factors {unknown} (known: '
+                  f'{sorted(LR_FACTOR_KEYS)})')
+    return lr
+  defaults = {'learning_rate_schedule': 'compound', 'factors': lr.get('factors')}
+  defaults.update({k: None for f in factors for k in LR_FACTOR_KEYS[f]})
+  lr = _merge(defaults, lr, 'lr_configs.', errors)
+  for factor, key in (('constant', 'base_learning_rate'), ('linear_warmup', 'warmup_steps')):
+    if factor in factors and lr.get(key) is None:
+      errors.append(f'lr_configs.{key} is needed by factor {factor!r}')
+  return lr
+
+
+def _check_values(c: dict[str, Any], num_devices: int | None, errors: list[str]) -> None:
+  """Appends to `errors` every out-of-range value of the merged config `c`."""
+  for key in _POSITIVE_INTS:
+    value = c[key]
+    if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
+      errors.append(f'{key} must be a positive int or None, got {value!r}')
+  epochs = c['num_training_epochs']
+  if c['num_training_steps'] is None and not (isinstance(epochs, (int, float)) and epochs > 0):
+    errors.append('set num_training_steps or a positive num_training_epochs')
+  micro = c['microbatch_size']
+  for key in ('batch_size', 'eval_batch_size'):
+    value = c[key]
+    if not isinstance(value, int):
+      continue
+    if num_devices and value % num_devices:
+      errors.append(f'{key}={value} is not divisible by the {num_devices} devices')
+    if isinstance(micro, int) and micro > 0 and value % micro:
+      errors.append(f'microbatch_size={micro} does not divide {key}={value}')
+  if isinstance(micro, int) and micro > 0 and num_devices and micro % num_devices:
+    errors.append(f'microbatch_size={micro} is not divisible by the {num_devices} devices')
+  for key in ('max_grad_norm', 'label_smoothing'):
+    value = c[key]
+    if value is not None and not (isinstance(value, (int, float)) and math.isfinite(value)
+                                  and value > 0):
+      errors.append(f'{key} must be positive or None, got {value!r}')
+  if c['model_dtype_str'] not in DTYPES:
+    errors.append(f'model_dtype_str must be one of {sorted(DTYPES)}, got '
+                  f'{c["model_dtype_str"]!r}')
+  if c['loss'] not in ('softmax', 'sigmoid'):
+    errors.append(f"loss must be 'softmax' or 'sigmoid', got {c['loss']!r}")
+  if errors:  # The model check below needs well-formed sizes.
+    return
+  info = input_pipeline.DATASETS.get(c['dataset_name'].split(':')[0])
+  image_shape = input_pipeline.image_shape(c['dataset_name'], c['dataset_configs'])
+  try:
+    model = vit.ViT(num_classes=info.num_classes if info else 1, **model_kwargs(c['model']))
+    vit.check_vit(model, image_shape)
+  except ValueError as e:
+    errors.append(f'model: {e}'.rstrip('.'))
+
+
+def num_train_steps(config: ml_collections.ConfigDict, num_train: int) -> int:
+  """num_training_steps, else num_training_epochs * (num_train // batch_size) (scenic)."""
+  if config.num_training_steps is not None:
+    return int(config.num_training_steps)
+  return int(config.num_training_epochs * (num_train // config.batch_size))
+
+
+def load_config_file(path: str | os.PathLike, arg: str | None = None
+                     ) -> ml_collections.ConfigDict:
+  """Runs a config file's `get_config([arg])`; `path` may name a shipped config (see config_path)."""
+  path = config_path(str(path))
+  spec = importlib.util.spec_from_file_location(f'_vit_flax_config_{path.stem}', path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config(arg) if arg is not None else module.get_config()
+
+
+def config_path(path: str) -> pathlib.Path:
+  """`path` if it exists, else the shipped config of that file name (vit_flax/configs/NAME.py).
+
+  So `--config=configs/mnist_tl.py` works from a checkout and from an installed wheel alike.
+  """
+  if os.path.exists(path):
+    return pathlib.Path(path)
+  spec = importlib.util.find_spec('vit_flax.configs')
+  if spec is not None and spec.submodule_search_locations:
+    shipped = pathlib.Path(list(spec.submodule_search_locations)[0]) / os.path.basename(path)
+    if shipped.exists():
+      return shipped
+  return pathlib.Path(path)
+
+
+def find_shipped_configs(argv: list[str]) -> list[str]:
+  """`argv` with each `--config=PATH[:ARG]` whose PATH does not exist pointed at the shipped file."""
+  out = []
+  for arg in argv:
+    if arg.startswith('--config='):
+      path, sep, rest = arg[len('--config='):].partition(':')
+      arg = f'--config={config_path(path)}{sep}{rest}'
+    out.append(arg)
+  return out

@@ -1,0 +1,255 @@
+"""The jitted loops around the steps, the device mesh, and `make_runners`, the one runner factory.
+
+Parameters are replicated and batches split over a 1-D `Mesh(('data',))` of all devices.
+In-memory datasets (MNIST, CIFAR) are put on the device(s) once as uint8; each epoch's order is a
+permutation derived from (rng, epoch) inside jit, and `train_chunk` runs many steps per dispatch in
+a `lax.while_loop`, so the host neither copies batches nor waits between steps. Streamed datasets
+(ImageNet) feed host batches with `jax.device_put`, one step per dispatch. The trainer, `benchmark`
+and `compare` all run training through `make_runners`.
+"""
+
+from collections.abc import Callable
+import dataclasses
+import functools
+import os
+import time
+
+from absl import logging
+import jax
+from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from vit_flax import augment
+from vit_flax import input_pipeline
+from vit_flax import steps
+
+TrainState = steps.TrainState
+CPU_MICROBATCH_SIZE = 16
+
+
+TRAIN_SUMS = ('loss', 'accuracy', 'l2_grads')
+
+
+def train_chunk(state: TrainState, images: jax.Array, labels: jax.Array, rng: jax.Array,
+                epoch: jax.Array, first_batch: jax.Array, num_steps: jax.Array, *,
+                batch_size: int, step_fn: Callable, preprocess_fn: Callable,
+                batch_sharding: NamedSharding) -> tuple[TrainState, dict[str, jax.Array]]:
+  """Runs up to `num_steps` train steps on device-resident data, in one dispatch.
+
+  images uint8 [N, H, W, C] and labels [N] are the whole train split. The epoch's order is
+  permutation(fold_in(rng_shuffle, epoch)); step i uses batch first_batch + i of it, augmented with
+  fold_in(rng_augment, state.step). Stops early after a non-finite loss. Returns the state and the
+  sums of the per-step metrics plus `steps`, the number of steps run.
+  """
+  dropout_rng, augment_rng, shuffle_rng = (jax.random.fold_in(rng, i) for i in range(3))
+  perm = jax.random.permutation(jax.random.fold_in(shuffle_rng, epoch), images.shape[0])  # [N]
+
+  def cond(carry):
+    i, _, _, finite = carry
+    return (i < num_steps) & finite
+
+  def body(carry):
+    i, state, sums, _ = carry
+    idx = jax.lax.dynamic_slice_in_dim(perm, (first_batch + i) * batch_size, batch_size)  # [B]
+    x = jax.lax.with_sharding_constraint(images[idx], batch_sharding)  # [B, H, W, C] uint8
+    y = jax.lax.with_sharding_constraint(labels[idx], batch_sharding)  # [B]
+    x = preprocess_fn(x, jax.random.fold_in(augment_rng, state.step))  # [B, H, W, C] float
+    state, metrics = step_fn(state, {'inputs': x, 'label': y}, dropout_rng)
+    sums = {k: sums[k] + metrics[k] for k in TRAIN_SUMS}
+    return i + 1, state, sums, jnp.isfinite(metrics['loss'])
+
+  zeros = {k: jnp.zeros((), jnp.float32) for k in TRAIN_SUMS}
+  num_run, state, sums, _ = jax.lax.while_loop(
+      cond, body, (jnp.zeros((), jnp.int32), state, zeros, jnp.array(True)))
+  return state, {**sums, 'steps': num_run}
+
+
+def stream_step(state: TrainState, sums: dict[str, jax.Array], batch: dict[str, jax.Array],
+                rng: jax.Array, *, step_fn: Callable) -> tuple[TrainState, dict[str, jax.Array]]:
+  """train_step on a device batch, adding its metrics to the running device-side `sums`.
+
+  Dropout uses fold_in(rng, 0), the stream train_chunk uses for it.
+  """
+  state, metrics = step_fn(state, batch, jax.random.fold_in(rng, 0))
+  return state, {**{k: sums[k] + metrics[k] for k in TRAIN_SUMS}, 'steps': sums['steps'] + 1}
+
+
+def evaluate_arrays(state: TrainState, images: jax.Array, labels: jax.Array, mask: jax.Array, *,
+                    batch_size: int, eval_fn: Callable, preprocess_fn: Callable,
+                    batch_sharding: NamedSharding) -> dict[str, jax.Array]:
+  """eval_step sums over device-resident uint8 images [n * batch_size, ...], padding masked out."""
+
+  def body(i, sums):
+    cut = lambda a: jax.lax.dynamic_slice_in_dim(a, i * batch_size, batch_size)
+    x = preprocess_fn(jax.lax.with_sharding_constraint(cut(images), batch_sharding))
+    out = eval_fn(state, {'inputs': x, 'label': cut(labels), 'mask': cut(mask)})
+    return jax.tree.map(jnp.add, sums, out)
+
+  zeros = {k: jnp.zeros((), jnp.float32) for k in ('loss', 'correct', 'count')}
+  return jax.lax.fori_loop(0, images.shape[0] // batch_size, body, zeros)
+
+
+def pad_to_batch(images: np.ndarray, labels: np.ndarray, batch_size: int
+                 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+  """Pads to a multiple of batch_size; returns (images, labels, mask) with mask 0 on padding."""
+  n = len(images)
+  pad = -n % batch_size
+  mask = np.concatenate([np.ones(n, np.float32), np.zeros(pad, np.float32)])
+  images = np.concatenate([images, np.zeros((pad, *images.shape[1:]), images.dtype)])
+  labels = np.concatenate([labels, np.zeros(pad, labels.dtype)])
+  return images, labels, mask
+
+
+def use_one_device_per_cpu_core() -> int:
+  """Splits the host CPU into one XLA device per core; returns the count. Call before JAX runs.
+
+  XLA executes most of a CPU program on one thread, so a 2-core machine sits half idle; with one
+  device per core the batch is sharded over the cores (about 2x here). Leaves an explicit choice
+  (XLA_FLAGS' --xla_force_host_platform_device_count or jax_num_cpu_devices) alone; on GPU/TPU it
+  only adds idle host devices.
+  """
+  if ('xla_force_host_platform_device_count' in os.environ.get('XLA_FLAGS', '')
+      or jax.config.jax_num_cpu_devices != -1):
+    return jax.config.jax_num_cpu_devices
+  cores = len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else os.cpu_count()
+  try:
+    jax.config.update('jax_num_cpu_devices', cores or 1)
+  except RuntimeError:  # The backend already started (e.g. in a notebook): keep its devices.
+    logging.warning('JAX already started; not splitting the CPU into one device per core.')
+  return cores or 1
+
+
+def make_mesh() -> Mesh:
+  """A 1-D mesh of every device on axis 'data' (Auto axis type)."""
+  return Mesh(np.array(jax.devices()), ('data',), axis_types=(AxisType.Auto,))
+
+
+def num_microbatches(config: ml_collections.ConfigDict, batch_size: int, num_devices: int,
+                     backend: str | None = None) -> int:
+  """How many micro-batches a batch of `batch_size` is split into (1: no splitting).
+
+  An explicit `microbatch_size` must divide the batch and be divisible by the device count
+  (config.resolve checks). The CPU default is the largest size <= CPU_MICROBATCH_SIZE that does
+  both (e.g. 10 for an eval batch of 1000 on 2 devices), else the whole batch.
+  """
+  size = config.microbatch_size
+  if size is None:
+    if (backend or jax.default_backend()) != 'cpu':
+      return 1
+    fits = [s for s in range(num_devices, CPU_MICROBATCH_SIZE + 1, num_devices)
+            if batch_size % s == 0]
+    size = fits[-1] if fits else batch_size
+  return batch_size // size
+
+
+@dataclasses.dataclass
+class Runners:
+  """How a run trains and evaluates, whatever the data source.
+
+  run_chunk(state, step, num_steps) -> (state, sums): trains `num_steps` steps from global step
+    `step` in as few dispatches as the source allows; `sums` holds device-side sums of TRAIN_SUMS
+    over the steps run and 'steps', their count (fewer after a non-finite loss).
+  evaluate(state, split) -> (sums, seconds) or None when the dataset lacks `split`: masked sums of
+    'loss', 'correct' and 'count' over the whole split, and the seconds the evaluation took
+    (compilation excluded).
+  """
+  run_chunk: Callable[[TrainState, int, int], tuple[TrainState, dict[str, jax.Array]]]
+  evaluate: Callable[[TrainState, str], tuple[dict[str, float], float] | None]
+
+
+def make_runners(ds: input_pipeline.Dataset, config: ml_collections.ConfigDict,
+                 state: TrainState, rng: jax.Array, mesh: Mesh, *, start_step: int = 0
+                 ) -> Runners:
+  """The runners for `ds` under a resolved `config` on `mesh`.
+
+  In-memory datasets compile the train loop here (so its time is not counted as training); streamed
+  ones compile on first use, as their shapes come from the stream. `rng` is the run's base key
+  (replicated); a resumed stream is reseeded by `start_step`: reproducible, not continued.
+  """
+  num_devices = mesh.devices.size
+  step_fn = functools.partial(
+      steps.train_step, loss=config.loss, label_smoothing=config.label_smoothing,
+      num_microbatches=num_microbatches(config, config.batch_size, num_devices))
+  eval_fn = functools.partial(
+      steps.eval_step, loss=config.loss,
+      num_microbatches=num_microbatches(config, config.eval_batch_size, num_devices))
+  if ds.in_memory:
+    return _in_memory_runners(ds, config, state, rng, step_fn, eval_fn, mesh)
+  return _stream_runners(ds, config, rng, step_fn, eval_fn, mesh, start_step)
+
+
+def _in_memory_runners(ds: input_pipeline.Dataset, config: ml_collections.ConfigDict,
+                       state: TrainState, rng: jax.Array, step_fn: Callable, eval_fn: Callable,
+                       mesh: Mesh) -> Runners:
+  """Runners for a dataset held on the device(s); compiles the train loop now."""
+  replicated, batch_sharding = NamedSharding(mesh, P()), NamedSharding(mesh, P('data'))
+  dc = config.dataset_configs
+  train_preprocess = functools.partial(augment.preprocess, train=True, dataset=ds,
+                                       crop_padding=dc.crop_padding, random_flip=dc.random_flip)
+  normalise = lambda x: augment.preprocess(x, None, train=False, dataset=ds)
+  images = jax.device_put(ds.train_images, replicated)  # Once: the whole split, uint8.
+  labels = jax.device_put(ds.train_labels, replicated)
+  scalar = lambda v: jax.device_put(np.int32(v), replicated)
+  t = time.time()
+  chunk = jax.jit(functools.partial(
+      train_chunk, batch_size=config.batch_size, step_fn=step_fn, preprocess_fn=train_preprocess,
+      batch_sharding=batch_sharding), donate_argnums=0, out_shardings=replicated)
+  chunk = chunk.lower(state, images, labels, rng, scalar(0), scalar(0), scalar(1)).compile()
+  logging.info('Compiled the train loop in %.1f s.', time.time() - t)
+  steps_per_epoch = ds.num_train // config.batch_size
+
+  def run_chunk(state, step, num_steps):
+    epoch, batch = divmod(step, steps_per_epoch)
+    return chunk(state, images, labels, rng, scalar(epoch), scalar(batch), scalar(num_steps))
+
+  evaluate_jit = jax.jit(functools.partial(
+      evaluate_arrays, batch_size=config.eval_batch_size, eval_fn=eval_fn,
+      preprocess_fn=normalise, batch_sharding=batch_sharding), out_shardings=replicated)
+  data, compiled = {}, {}
+  for split in ('valid', 'test'):
+    if getattr(ds, f'num_{split}'):
+      arrays = pad_to_batch(getattr(ds, f'{split}_images'), getattr(ds, f'{split}_labels'),
+                            config.eval_batch_size)
+      data[split] = jax.device_put(arrays, replicated)
+
+  def evaluate(state, split):
+    if split not in data:
+      return None
+    if split not in compiled:  # Compiled ahead, so the timing below is the evaluation alone.
+      compiled[split] = evaluate_jit.lower(state, *data[split]).compile()
+    t = time.time()
+    sums = jax.device_get(compiled[split](state, *data[split]))
+    return sums, time.time() - t
+
+  return Runners(run_chunk, evaluate)
+
+
+def _stream_runners(ds: input_pipeline.Dataset, config: ml_collections.ConfigDict,
+                    rng: jax.Array, step_fn: Callable, eval_fn: Callable, mesh: Mesh,
+                    start_step: int) -> Runners:
+  """Runners for a streamed dataset: host batches, one step per dispatch."""
+  replicated, batch_sharding = NamedSharding(mesh, P()), NamedSharding(mesh, P('data'))
+  stream = jax.jit(functools.partial(stream_step, step_fn=step_fn), donate_argnums=(0, 1),
+                   out_shardings=replicated)
+  eval_stream = jax.jit(eval_fn, out_shardings=replicated)
+  batches = ds.train_iter(config.batch_size, config.rng_seed + start_step)
+
+  def run_chunk(state, step, num_steps):
+    del step
+    sums = jax.device_put({k: np.float32(0) for k in (*TRAIN_SUMS, 'steps')}, replicated)
+    for _ in range(num_steps):  # Dispatches run ahead; nothing here waits for the device.
+      state, sums = stream(state, sums, jax.device_put(next(batches), batch_sharding), rng)
+    return state, sums
+
+  def evaluate(state, split):
+    if not getattr(ds, f'num_{split}'):
+      return None
+    t, sums = time.time(), None
+    for batch in ds.eval_iter(split, config.eval_batch_size):  # Sums stay on device until the end.
+      out = eval_stream(state, jax.device_put(batch, batch_sharding))
+      sums = out if sums is None else jax.tree.map(jnp.add, sums, out)
+    return jax.device_get(sums), time.time() - t
+
+  return Runners(run_chunk, evaluate)
