@@ -2,22 +2,21 @@
 
 import importlib.util
 import math
-import pathlib
 import sys
 
 import pytest
 
+from helpers import tiny_config
 from vit_flax import benchmark
 from vit_flax import config as config_lib
 from vit_flax import flops
 
-CONFIGS = pathlib.Path(__file__).resolve().parent.parent / 'configs'
 SHAPE = (32, 32, 3)  # 8 x 8 = 64 patch tokens with 4 x 4 patches.
 
 
 def _tiny_config(**overrides):
   """configs/tiny.py at width 96 / MLP 384 (matmuls dominate), 4 x 4 patches, no dropout."""
-  config = config_lib.load_config_file(CONFIGS / 'tiny.py')
+  config = tiny_config()
   config.batch_size = 8
   m = config.model
   m.hidden_size, m.num_layers, m.num_heads, m.mlp_dim = 96, 2, 2, 384
@@ -72,7 +71,7 @@ def test_tokenlearner_reduces_flops_like_the_presets():
 
 @pytest.mark.parametrize('loop', ['chunk', 'step'])
 def test_benchmark_model_returns_sane_numbers(loop):
-  config = config_lib.load_config_file(CONFIGS / 'tiny.py')
+  config = tiny_config()
   config.batch_size = config.eval_batch_size = 16
   r = benchmark.benchmark_model(config, (28, 28, 1), 10, loop=loop, steps_per_call=2,
                                 min_time_s=0.3, windows=2, peak_gflops=100.0)
@@ -143,7 +142,7 @@ def test_format_report_shows_speedups_and_torch_errors():
 
 @pytest.mark.skipif(importlib.util.find_spec('torch') is None, reason='PyTorch not installed')
 def test_torch_twin_runs_in_a_subprocess():
-  config = config_lib.load_config_file(CONFIGS / 'tiny.py')
+  config = tiny_config()
   r = benchmark.torch_images_per_s(config, (28, 28, 1), 10, min_time_s=0.2, windows=2)
   assert r['images_per_s'] > 0 and len(r['window_step_s']) == 2 and r['threads'] >= 1
   config.model.tokenizer.use_tokenfuse = True

@@ -1,18 +1,17 @@
 """Tests for vit_flax.compare: the tiny config with and without TokenLearner, and the helpers."""
 
 import json
-import pathlib
 
+from helpers import tiny_config
 from vit_flax import compare
 from vit_flax import config as config_lib
 
-CONFIGS = pathlib.Path(__file__).resolve().parent.parent / 'configs'
 PNG_MAGIC = b'\x89PNG\r\n\x1a\n'
 
 
 def _tiny_config():
   """configs/tiny.py cut to 4 steps (evaluations at steps 2 and 4)."""
-  config = config_lib.load_config_file(CONFIGS / 'tiny.py')
+  config = tiny_config()
   config.num_training_steps = 4
   config.log_summary_steps = config.log_eval_steps = 2
   config.checkpoint_steps = 4

@@ -1,6 +1,7 @@
 """Every configs/*.py loads, validates and builds its model (abstractly); bad ones fail clearly."""
 
 import pathlib
+import subprocess
 import sys
 
 from absl import flags
@@ -10,11 +11,11 @@ import ml_collections
 from ml_collections import config_flags
 import pytest
 
+from helpers import CONFIG_DIR
 from vit_flax import config as config_lib
 from vit_flax import input_pipeline
 from vit_flax import optim
 
-CONFIG_DIR = pathlib.Path(__file__).resolve().parent.parent / 'configs'
 CONFIGS = sorted(p.stem for p in CONFIG_DIR.glob('*.py') if not p.stem.startswith('_'))
 PAIRS = [n[:-3] for n in CONFIGS if n.endswith('_tl') and n[:-3] + '_vit' in CONFIGS]
 
@@ -52,8 +53,9 @@ def test_vit_and_tl_pairs_differ_only_in_tokenlearner(base):
   vit_cfg, tl_cfg = flat(load(base + '_vit')), flat(load(base + '_tl'))
   assert tl_cfg['model']['tokenizer'].pop('type') == 'dynamic'
   assert vit_cfg['model']['tokenizer'].pop('type') == 'patch'
-  for key in config_lib.LEARNER_KEYS:
+  for key in config_lib.LEARNER_KEYS:  # Unread by a 'patch' model, so they may differ.
     tl_cfg['model']['tokenizer'].pop(key)
+    vit_cfg['model']['tokenizer'].pop(key, None)
   del vit_cfg['experiment_name'], tl_cfg['experiment_name']
   assert vit_cfg == tl_cfg
 
@@ -70,15 +72,15 @@ def test_imagenet_config_is_scenics():
 
 
 def _tiny(changes=None):
-  """The tiny config with {'dotted.key': value} changes (new keys allowed: it is unlocked)."""
-  config = load('tiny')
+  """The tiny config with {'dotted.key': value} changes, of any type (as a config file may set)."""
+  config = load('tiny').to_dict()
   for path, value in (changes or {}).items():
     *parents, key = path.split('.')
     node = config
     for p in parents:
       node = node[p]
     node[key] = value
-  return config
+  return ml_collections.ConfigDict(config)
 
 
 @pytest.mark.parametrize('changes,message', [
@@ -95,6 +97,31 @@ def _tiny(changes=None):
     ({'model.tokenizer.patches.size': (5, 5)}, 'not divisible by the patch size'),
     ({'model.tokenizer.tokenlearner_loc': 7}, 'tokenlearner_loc'),
     ({'batch_size': 0}, 'batch_size must be a positive int'),
+    ({'batch_size': 32.0}, 'batch_size must be a positive int'),
+    ({'lr_configs.base_learning_rate': -1e-3}, 'base_learning_rate must be a finite number > 0'),
+    ({'lr_configs.base_learning_rate': '1e-3'}, 'base_learning_rate must be a finite number'),
+    ({'lr_configs.base_learning_rate': float('nan')}, 'base_learning_rate must be a finite'),
+    ({'lr_configs.base_learning_rate': float('inf')}, 'base_learning_rate must be a finite'),
+    ({'lr_configs.warmup_steps': -5}, 'lr_configs.warmup_steps must be >= 0'),
+    ({'optimizer_configs.beta1': 2.0}, 'optimizer_configs.beta1 must be in [0, 1)'),
+    ({'optimizer_configs.beta2': -0.1}, 'optimizer_configs.beta2 must be in [0, 1)'),
+    ({'optimizer_configs.weight_decay': -0.1}, 'weight_decay must be >= 0'),
+    ({'optimizer_configs.epsilon': 0.0}, 'epsilon must be > 0'),
+    ({'dataset_configs.crop_padding': -2}, 'crop_padding must be an int >= 0'),
+    ({'dataset_configs.random_resized_crop': 1.5}, 'random_resized_crop must be in (0, 1]'),
+    ({'mixup_alpha': -1.0}, 'mixup_alpha must be >= 0'),
+    ({'ema_decay': 1.0}, 'ema_decay must be in (0, 1)'),
+    ({'label_smoothing': -0.1}, 'label_smoothing must be positive or None'),
+    ({'max_grad_norm': 0.0}, 'max_grad_norm must be positive or None'),
+    ({'model_dtype_str': 'float8'}, 'model_dtype_str must be one of'),
+    ({'num_training_steps': None}, 'set num_training_steps or a positive num_training_epochs'),
+    ({'model.num_heads': 3}, 'not divisible by num_heads'),
+    ({'model.dropout_rate': 1.0}, 'dropout_rate must be in [0, 1)'),
+    ({'model.classifier': 'map'}, 'unknown classifier'),
+    ({'model.tokenizer.type': 'video'}, 'model.tokenizer.type must be one of'),
+    ({'model.tokenizer.tokenlearner_loc': None}, 'tokenlearner_loc is needed'),
+    ({'model.tokenizer.num_tokens': 0}, 'num_tokens must be >= 1'),
+    ({'microbatch_size': 5}, 'microbatch_size=5 does not divide batch_size=32'),
 ])
 def test_bad_configs_give_one_line_errors(changes, message):
   config = _tiny(changes)
@@ -110,6 +137,34 @@ def test_batch_size_must_divide_over_devices():
   with pytest.raises(ValueError, match='eval_batch_size=100 is not divisible by the 8 devices'):
     config_lib.resolve(_tiny({'eval_batch_size': 100}), num_devices=8)
   config_lib.resolve(_tiny({'batch_size': 30}), num_devices=2)
+
+
+def test_command_line_errors_are_one_line(tmp_path, monkeypatch):
+  tiny = str(CONFIG_DIR / 'tiny.py')
+  broken = tmp_path / 'broken.py'
+  broken.write_text('def get_config():\n  return undefined_name\n')
+  cases = [
+      (['p', f'--config={tmp_path / "missing.py"}'], 'missing.py not found'),
+      (['p', f'--config={broken}'], "failed to load: NameError: name 'undefined_name'"),
+      (['p', f'--config={tiny}', '--config.model.hiden_size=3'],
+       'Unknown override --config.model.hiden_size (did you mean --config.model.hidden_size?)'),
+      (['p', f'--config={tiny}', '--config.batch_size.x=3'], 'config.batch_size is not a section'),
+  ]
+  for argv, message in cases:
+    with pytest.raises(config_lib.ConfigError) as info:
+      config_lib.check_command_line(argv)
+    assert message in str(info.value) and '\n' not in str(info.value)
+  monkeypatch.chdir(tmp_path)  # A shipped config by name, from any directory.
+  argv = ['p', '--config=configs/tiny.py', '--config.model.hidden_size=32']
+  out = config_lib.check_command_line(argv)
+  assert out[1] == f'--config={CONFIG_DIR / "tiny.py"}' and out[2] == argv[2]
+
+
+def test_main_reports_a_missing_config_in_one_line(tmp_path):
+  proc = subprocess.run([sys.executable, '-m', 'vit_flax.main', '--config=nope/none.py'],
+                        capture_output=True, text=True, cwd=tmp_path, timeout=300, check=False)
+  assert proc.returncode == 1
+  assert proc.stderr.strip().splitlines()[-1] == 'Error: Config file nope/none.py not found.'
 
 
 def test_resolve_fills_defaults_once_and_locks():

@@ -13,19 +13,11 @@ import numpy as np
 from absl.testing import absltest
 
 from vit_flax import layers
-from model_helpers import param_shapes, random_variables
+import helpers
+from helpers import param_shapes, random_variables
 
 B, N, D, HEADS = 2, 6, 16, 4
 
-
-def _layer_norm(x, p, eps=1e-6):  # numpy reference, flax's defaults.
-  mean = x.mean(-1, keepdims=True)
-  var = ((x - mean)**2).mean(-1, keepdims=True)
-  return (x - mean) / np.sqrt(var + eps) * p['scale'] + p['bias']
-
-
-def _gelu(x):  # tanh approximation, as flax's nn.gelu.
-  return 0.5 * x * (1 + np.tanh(np.sqrt(2 / np.pi) * (x + 0.044715 * x**3)))
 
 
 class PosembTest(absltest.TestCase):
@@ -167,7 +159,7 @@ class EncoderBlockTest(chex.TestCase):
     p = jax.tree.map(lambda a: np.asarray(a, np.float64), v['params'])
     xn = np.asarray(x, np.float64)
     att = p['MultiHeadDotProductAttention_0']
-    a = _layer_norm(xn, p['LayerNorm_0'])
+    a = helpers.layer_norm(xn, p['LayerNorm_0'])
     q, k, val = (np.einsum('bnd,dhk->bnhk', a, att[n]['kernel']) + att[n]['bias']
                  for n in ('query', 'key', 'value'))
     logits = np.einsum('bqhd,bkhd->bhqk', q, k) / np.sqrt(D // HEADS)
@@ -176,7 +168,7 @@ class EncoderBlockTest(chex.TestCase):
     o = np.einsum('bhqk,bkhd->bqhd', w, val)
     y = xn + np.einsum('bqhd,hdo->bqo', o, att['out']['kernel']) + att['out']['bias']
     mlp = p['MlpBlock_0']
-    h = _gelu(_layer_norm(y, p['LayerNorm_1']) @ mlp['Dense_0']['kernel'] + mlp['Dense_0']['bias'])
+    h = helpers.gelu(helpers.layer_norm(y, p['LayerNorm_1']) @ mlp['Dense_0']['kernel'] + mlp['Dense_0']['bias'])
     expected = y + h @ mlp['Dense_1']['kernel'] + mlp['Dense_1']['bias']
     np.testing.assert_allclose(out, expected, atol=1e-4)
 

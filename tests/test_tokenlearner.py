@@ -12,22 +12,14 @@ import numpy as np
 from absl.testing import absltest, parameterized
 
 from vit_flax import TokenFuser, TokenLearnerModule, TokenLearnerModuleV11
-from model_helpers import param_shapes, random_variables
+import helpers
+from helpers import param_shapes, random_variables
 
 B, C, S = 2, 16, 4
 
 
 # Hand-written numpy references (float64; no XLA compiles, so the tests stay fast).
 
-
-def _layer_norm(x, p, eps=1e-6):
-  mean = x.mean(-1, keepdims=True)
-  var = ((x - mean)**2).mean(-1, keepdims=True)
-  return (x - mean) / np.sqrt(var + eps) * p['scale'] + p['bias']
-
-
-def _gelu(x):  # tanh approximation, as flax's nn.gelu.
-  return 0.5 * x * (1 + np.tanh(np.sqrt(2 / np.pi) * (x + 0.044715 * x**3)))
 
 
 def _sigmoid(x):
@@ -40,7 +32,7 @@ def _softmax(x):
 
 
 def _mlp(x, p):  # scenic's MlpBlock without dropout.
-  h = _gelu(x @ p['Dense_0']['kernel'] + p['Dense_0']['bias'])
+  h = helpers.gelu(x @ p['Dense_0']['kernel'] + p['Dense_0']['bias'])
   return h @ p['Dense_1']['kernel'] + p['Dense_1']['bias']
 
 
@@ -116,7 +108,7 @@ class LearnerMathTest(absltest.TestCase):
     (maps,) = state['intermediates']['token_maps']
     np.testing.assert_allclose(maps.sum((-2, -1)), 1.0, atol=1e-6)
     p, xn = _np(v['params']), np.asarray(x, np.float64)
-    logits = _mlp(_layer_norm(xn, p['LayerNorm_0']), p['token_masking'])  # [B, N, S]
+    logits = _mlp(helpers.layer_norm(xn, p['LayerNorm_0']), p['token_masking'])  # [B, N, S]
     weights = _softmax(logits.transpose(0, 2, 1))  # [B, S, N]
     np.testing.assert_allclose(maps.reshape(B, S, h * w), weights, atol=1e-6)
     np.testing.assert_allclose(out, np.einsum('...si,...id->...sd', weights, xn), atol=1e-5)
@@ -145,9 +137,9 @@ class LearnerMathTest(absltest.TestCase):
       out, state = jax.jit(
           lambda x: learner.apply(v, x, grid_hw=(h, w), mutable=['intermediates']))(x)
       p, xn = _np(v['params']), np.asarray(x, np.float64)
-      a = _layer_norm(xn, p['LayerNorm_0']).reshape(B, h, w, C)
+      a = helpers.layer_norm(xn, p['LayerNorm_0']).reshape(B, h, w, C)
       for i in range(3):
-        a = _gelu(_conv3x3(a, p[f'Conv_{i}']['kernel']))
+        a = helpers.gelu(_conv3x3(a, p[f'Conv_{i}']['kernel']))
       a = _conv3x3(a, p['Conv_3']['kernel'])  # [B, h, w, S]
       sel = _sigmoid(a.reshape(B, h * w, S).transpose(0, 2, 1))[..., None]  # [B, S, HW, 1]
       pooled = (sel * xn[:, None]).sum(2) if sum_pooling else (sel * xn[:, None]).mean(2)
@@ -185,10 +177,10 @@ class TokenFuserTest(chex.TestCase):
         'token_masking/Dense_0/kernel': (C, 64), 'token_masking/Dense_0/bias': (64,),
         'token_masking/Dense_1/kernel': (64, S), 'token_masking/Dense_1/bias': (S,)})
     p = _np(v['params'])  # Random (non-zero) mixing weights.
-    y = _layer_norm(np.asarray(tokens, np.float64), p['fuser_mix_norm1'])
+    y = helpers.layer_norm(np.asarray(tokens, np.float64), p['fuser_mix_norm1'])
     y = (y.transpose(0, 2, 1) @ p['Dense_0']['kernel'] + p['Dense_0']['bias']).transpose(0, 2, 1)
-    y = _layer_norm(y, p['fuser_mix_norm2'])
-    m = _sigmoid(_mlp(_layer_norm(np.asarray(original, np.float64), p['LayerNorm_0']),
+    y = helpers.layer_norm(y, p['fuser_mix_norm2'])
+    m = _sigmoid(_mlp(helpers.layer_norm(np.asarray(original, np.float64), p['LayerNorm_0']),
                       p['token_masking']))
     expected = np.einsum('...sc,...hs->...hc', y, m)
     p32 = jax.tree.map(lambda a: a.astype(np.float32), p)

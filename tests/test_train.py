@@ -4,6 +4,7 @@ import json
 import math
 import os
 import pathlib
+import signal
 import subprocess
 import sys
 
@@ -13,6 +14,7 @@ import numpy as np
 import optax
 import pytest
 
+from helpers import tiny_config
 from vit_flax import augment
 from vit_flax import config as config_lib
 from vit_flax import loops
@@ -25,14 +27,10 @@ from vit_flax import train
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 # The subprocess gets the same cheap compiles as this process (tests/conftest.py).
 FAST_XLA = ' '.join(f for f in os.environ.get('XLA_FLAGS', '').split() if 'device_count' not in f)
-SUMMARY_KEYS = {'test_accuracy', 'test_loss', 'num_params', 'gflops_per_image',
+SUMMARY_KEYS = {'test_accuracy', 'test_loss', 'num_params', 'gflops_per_image', 'best',
+                'time_to_accuracy',
                 'train_images_per_s', 'eval_images_per_s', 'wall_time_s', 'steps', 'dataset',
                 'config', 'eval_history'}
-
-
-def tiny_config():
-  """configs/tiny.py's config, loaded by path as config_flags does (not yet resolved)."""
-  return config_lib.load_config_file(ROOT / 'configs' / 'tiny.py')
 
 
 # ------------------------------------------------------------------------------------------------
@@ -145,6 +143,60 @@ def test_microbatched_steps_equal_whole_batch_steps():
                evaluate(state, batch, num_microbatches=4), evaluate(state, batch))
 
 
+def test_ema_moves_towards_the_new_parameters_with_warmup():
+  config = tiny_config()
+  config.ema_decay = 0.99
+  config = config_lib.resolve(config)
+  model = config_lib.build_model(config.model, 10)
+  state = steps.create_train_state(jax.random.PRNGKey(0), config, model, (1, 28, 28, 1), 10)
+  jax.tree.map(np.testing.assert_array_equal, state.ema_params, state.params)
+  rng = np.random.default_rng(0)
+  batch = {'inputs': jnp.asarray(rng.normal(size=(8, 28, 28, 1)), jnp.float32),
+           'label': jnp.asarray(rng.integers(0, 10, 8), jnp.int32)}
+  new, _ = steps.train_step(state, batch, jax.random.PRNGKey(3), ema_decay=0.99)
+  decay = min(0.99, (1 + 0) / (10 + 0))  # Step 0: the warm-up rate wins.
+  jax.tree.map(lambda e, old, p: np.testing.assert_allclose(e, decay * old + (1 - decay) * p,
+                                                           rtol=1e-5, atol=1e-7),
+               new.ema_params, state.params, new.params)
+  sums = steps.eval_step(new, {**batch, 'mask': jnp.ones(8)})
+  assert {'loss', 'correct', 'count', 'ema_loss', 'ema_correct'} == set(sums)
+
+
+def test_mixup_soft_targets_are_what_the_step_trains_on():
+  """train_step's loss with mixup equals the soft-target loss on augment.mix's batch."""
+  config = tiny_config()
+  config.model.dropout_rate = 0.0
+  config = config_lib.resolve(config)
+  model = config_lib.build_model(config.model, 10)
+  state = steps.create_train_state(jax.random.PRNGKey(0), config, model, (1, 28, 28, 1), 10)
+  state = state.replace(params={**state.params, 'output_projection': {
+      'kernel': jax.random.normal(jax.random.PRNGKey(2), (16, 10)), 'bias': jnp.zeros(10)}})
+  rng = np.random.default_rng(0)
+  batch = {'inputs': jnp.asarray(rng.normal(size=(8, 28, 28, 1)), jnp.float32),
+           'label': jnp.asarray(rng.integers(0, 10, 8), jnp.int32)}
+  key = jax.random.PRNGKey(1)
+  _, plain = steps.train_step(state, batch, key)
+  _, mixed = steps.train_step(state, batch, key, mixup_alpha=1.0, label_smoothing=0.1)
+  _, mix_rng = jax.random.split(jax.random.fold_in(key, 0))  # As train_step derives it.
+  targets = optim.targets(batch['label'], 10, 0.1)
+  x, soft = augment.mix(batch['inputs'], targets, mix_rng, mixup_alpha=1.0)
+  logits = model.apply({'params': state.params}, x)
+  expected = optax.softmax_cross_entropy(logits, soft).mean()
+  np.testing.assert_allclose(mixed['loss'], expected, rtol=1e-5)
+  assert abs(float(mixed['loss']) - float(plain['loss'])) > 1e-3
+
+
+def test_time_to_accuracy_uses_the_first_crossing_of_raw_or_ema():
+  records = [{'step': 10, 'wall_time_s': 1.0, 'train_loss': 1.0},
+             {'step': 10, 'wall_time_s': 2.0, 'valid_accuracy': 0.6, 'valid_ema_accuracy': 0.85},
+             {'step': 20, 'wall_time_s': 4.0, 'valid_accuracy': 0.9},
+             {'step': 20, 'wall_time_s': 5.0, 'test_accuracy': 0.99}]
+  out = train.time_to_accuracy(records, (0.8, 0.9, 0.95), batch_size=32)
+  assert out == [{'accuracy': 0.8, 'step': 10, 'wall_time_s': 2.0, 'images_seen': 320},
+                 {'accuracy': 0.9, 'step': 20, 'wall_time_s': 4.0, 'images_seen': 640},
+                 {'accuracy': 0.95, 'step': None, 'wall_time_s': None, 'images_seen': None}]
+
+
 def test_microbatch_count_follows_config_and_backend():
   config = config_lib.resolve(tiny_config())
   assert loops.num_microbatches(config, 128, 2, backend='cpu') == 128 // loops.CPU_MICROBATCH_SIZE
@@ -185,6 +237,15 @@ def test_end_to_end_writes_everything(tiny_run):
   assert [r['step'] for r in records if 'train_loss' in r] == [10, 20, 30, 40]
   assert [r['step'] for r in summary['eval_history']] == [20, 40]
   assert set(records[-1]) == {'step', 'wall_time_s', 'test_loss', 'test_accuracy'}
+  best = summary['best']
+  valid = {r['step']: r['valid_accuracy'] for r in summary['eval_history']}
+  assert best['valid_accuracy'] == max(valid.values()) and best['params'] == 'raw'
+  assert os.listdir(os.path.join(workdir, 'best')) == [str(best['step'])]  # orbax best_fn.
+  last = best['step'] == 40  # Then the best are the last step's parameters: the same accuracy.
+  assert (best['test_accuracy'] == summary['test_accuracy']) or not last
+  assert 0.0 <= best['test_accuracy'] <= 1.0
+  assert [t['accuracy'] for t in summary['time_to_accuracy']] == list(
+      config_lib.DEFAULTS['accuracy_thresholds'])
   config, params, step = rundir.load_run(workdir)
   assert step == 40 and config.model.hidden_size == 16
   assert params['output_projection']['kernel'].shape == (16, 10)
@@ -227,6 +288,30 @@ def test_stopped_then_resumed_equals_uninterrupted(tiny_run, tmp_path, monkeypat
   assert summary['test_loss'] == reference['test_loss']
 
 
+def test_sigterm_saves_then_resume_equals_uninterrupted(tiny_run, tmp_path, monkeypatch):
+  """SIGTERM mid-run: the loop finishes its dispatch, saves at that step and stops cleanly."""
+  log_train = train._log_train  # pylint: disable=protected-access
+
+  def log_then_signal(run, step, *args):
+    log_train(run, step, *args)
+    if step == 10:
+      os.kill(os.getpid(), signal.SIGTERM)
+
+  monkeypatch.setattr(train, '_log_train', log_then_signal)
+  with pytest.raises(train.TrainingStopped, match='Stopped by SIGTERM at step 10/40; saved a '
+                     'checkpoint at step 10. Run the same command again to resume.'):
+    train.train_and_evaluate(tiny_config(), str(tmp_path))
+  assert sorted(os.listdir(tmp_path / 'checkpoints')) == ['10']
+  assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # Handlers restored.
+  monkeypatch.setattr(train, '_log_train', log_train)
+  summary = train.train_and_evaluate(tiny_config(), str(tmp_path))
+  reference_dir, reference = tiny_run
+  _, params, _ = rundir.load_run(str(tmp_path))
+  _, reference_params, _ = rundir.load_run(reference_dir)
+  jax.tree.map(np.testing.assert_array_equal, params, reference_params)
+  assert summary['test_loss'] == reference['test_loss']
+
+
 def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path, monkeypatch):
   step_fn = steps.train_step
 
@@ -249,6 +334,8 @@ def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path, monkeypa
 
 def test_cli_on_8_devices_matches_this_process(tiny_run, tmp_path):
   """`python -m vit_flax.main` (default workdir ./runs/tiny) on 8 CPU devices: same losses."""
+  if jax.device_count() == 8:
+    pytest.skip('this process already has 8 devices: nothing to compare against')
   env = dict(os.environ, XLA_FLAGS=f'--xla_force_host_platform_device_count=8 {FAST_XLA}',
              PYTHONPATH=str(ROOT))
   proc = subprocess.run(
@@ -261,7 +348,6 @@ def test_cli_on_8_devices_matches_this_process(tiny_run, tmp_path):
     summary = json.load(f)
   assert summary['devices'].startswith('8 x') and summary['config']['log_eval_steps'] == 40
   reference_dir, reference = tiny_run
-  assert jax.device_count() != 8 or pytest.skip('this process already has 8 devices')
   ours = [r['train_loss'] for r in rundir.read_metrics(workdir) if 'train_loss' in r]
   theirs = [r['train_loss'] for r in rundir.read_metrics(reference_dir) if 'train_loss' in r]
   np.testing.assert_allclose(ours, theirs, atol=1e-5, rtol=0)

@@ -10,15 +10,12 @@ import ml_collections
 import numpy as np
 import pytest
 
-import model_helpers
+import helpers
 from vit_flax import analysis
 from vit_flax import config as config_lib
 from vit_flax import rundir
 from vit_flax import visualize
 from vit_flax import vit
-
-TINY = pathlib.Path(__file__).resolve().parents[1] / 'configs' / 'tiny.py'
-
 
 def _softmax_attention(rng, b, heads, n):
   logits = rng.normal(size=(b, heads, n, n)) * 2
@@ -226,7 +223,7 @@ def _tiny_model(classifier='gap', **tokenizer):
 
 
 def _random_params(model, images):
-  return model_helpers.random_variables(model, images, scale=0.3)['params']
+  return helpers.random_variables(model, images, scale=0.3)['params']
 
 
 def test_collect_intermediates_plain():
@@ -272,7 +269,7 @@ def test_collect_intermediates_v1_tokenfuser_with_cls():
 def tiny_run(tmp_path_factory):
   """A run directory of configs/tiny.py trained for 2 steps (offline MNIST)."""
   from vit_flax import train  # pylint: disable=g-import-not-at-top  (imports TensorFlow)
-  config = config_lib.load_config_file(TINY)
+  config = helpers.tiny_config()
   config.num_training_steps = 2
   config.log_summary_steps = 1
   config.log_eval_steps = 2
@@ -301,7 +298,7 @@ def test_cli_end_to_end(tiny_run):
 
 def test_write_plots_other_model(tmp_path, monkeypatch):
   """Branches the tiny run does not reach: CLS token, sin-cos position embedding, V1, fuser."""
-  config = config_lib.load_config_file(TINY)
+  config = helpers.tiny_config()
   config.model = ml_collections.ConfigDict(dict(
       hidden_size=16, num_layers=2, num_heads=2, mlp_dim=32, classifier='token',
       positional_embedding='sinusoidal_2d',

@@ -16,11 +16,11 @@ from absl.testing import absltest, parameterized
 
 import vit_flax
 from vit_flax import vit
-import model_helpers
-from model_helpers import param_shapes
+import helpers
+from helpers import param_shapes
 
 # Smaller random weights than the layer tests: deeper stacks stay in a useful range.
-random_variables = functools.partial(model_helpers.random_variables, scale=0.3)
+random_variables = functools.partial(helpers.random_variables, scale=0.3)
 
 B, IMG, PATCH, D, LAYERS, HEADS, S, LOC = 2, 16, 4, 16, 3, 2, 4, 1
 N = (IMG // PATCH)**2  # 16 patch tokens.
@@ -57,7 +57,7 @@ def _count(params):
 
 
 class ParamCountTest(parameterized.TestCase):
-  """Scenic's and vit_jax's figures at 224 px, 1000 classes (spec section 6.4); no allocation."""
+  """Scenic's and vit_jax's figures at 224 px, 1000 classes (scenic's token_learner tests and vit_jax's models_test.py); no allocation."""
 
   @parameterized.named_parameters(
       ('vit_b16_gap', {}, 86_566_120),

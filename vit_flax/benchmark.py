@@ -53,7 +53,7 @@ from vit_flax import steps
 # The two comparison models of the speed table (train batch 128, 10 classes, no dropout).
 PRESETS = {
     'mnist': dict(image_shape=(28, 28, 1), patch=2, hidden_size=64, num_layers=4, num_heads=4,
-                  mlp_dim=128, num_tokens=8, tokenlearner_loc=1, config='mnist_tl.py',
+                  mlp_dim=128, num_tokens=8, tokenlearner_loc=1, config='mnist_patch2_tl.py',
                   dataset='mnist'),
     'cifar': dict(image_shape=(32, 32, 3), patch=4, hidden_size=192, num_layers=12, num_heads=3,
                   mlp_dim=768, num_tokens=8, tokenlearner_loc=6, config='cifar10_tl.py',
@@ -401,4 +401,8 @@ def main(argv):
 
 if __name__ == '__main__':
   _define_flags()
-  app.run(main, argv=config_lib.find_shipped_configs(sys.argv))
+  try:
+    _argv = config_lib.check_command_line(sys.argv)
+  except config_lib.ConfigError as e:
+    sys.exit(f'Error: {e}')  # One line on stderr, exit status 1.
+  app.run(main, argv=_argv)

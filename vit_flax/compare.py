@@ -61,13 +61,17 @@ def variants(config: ml_collections.ConfigDict, num_tokens: Sequence[int] = (),
 
 
 def accuracy_curve(records: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
-  """[{step, wall_time_s, accuracy, split}] of the validation evals and the final test eval."""
+  """[{step, wall_time_s, accuracy, split}] of the validation evals and the final test eval.
+
+  With an EMA, `accuracy` is the better of the raw and the averaged parameters.
+  """
   curve = []
   for r in records:
     for split in ('valid', 'test'):
       if f'{split}_accuracy' in r:
-        curve.append(dict(step=r['step'], wall_time_s=r['wall_time_s'],
-                          accuracy=r[f'{split}_accuracy'], split=split))
+        accuracy = max(r[f'{split}_accuracy'], r.get(f'{split}_ema_accuracy', -1.0))
+        curve.append(dict(step=r['step'], wall_time_s=r['wall_time_s'], accuracy=accuracy,
+                          split=split))
   return curve
 
 
@@ -96,6 +100,8 @@ def train_row(name: str, config: ml_collections.ConfigDict, workdir: pathlib.Pat
       wall_time_s=summary.get('wall_time_s'), steps=summary.get('steps'),
       target_accuracy=target, time_to_target_s=reached[0] if reached else None,
       step_to_target=reached[1] if reached else None, dataset=summary.get('dataset'),
+      test_ema_accuracy=summary.get('test_ema_accuracy'), best=summary.get('best'),
+      time_to_accuracy=summary.get('time_to_accuracy'),
       this_call_s=time.perf_counter() - start, curve=curve)
 
 
@@ -178,6 +184,8 @@ def markdown_table(result: dict[str, Any]) -> str:
     reach = f'time to {target:.2%} (s)' if target is not None else 'time to target (s)'
     columns += [('test accuracy', lambda r: _fmt(r['test_accuracy'], '{:.2%}')),
                 ('vs ViT (points)', lambda r: _points(r, base)),
+                ('EMA test accuracy', lambda r: _fmt(r.get('test_ema_accuracy'), '{:.2%}')),
+                ('best-valid checkpoint: test accuracy (step)', _best_cell),
                 ('wall time (s)', lambda r: _fmt(r['wall_time_s'], '{:,.1f}')),
                 (reach, lambda r: _fmt(r['time_to_target_s'], '{:,.1f}', NOT_REACHED))]
   else:
@@ -206,8 +214,35 @@ def markdown_table(result: dict[str, Any]) -> str:
                  'is 2 FLOPs), images/s and wall time come from each run\'s summary.json; wall '
                  'time includes compilation and evaluation. Train speed-up and points: against the '
                  'ViT row. Time to target: wall time of the first evaluation (validation, or the '
-                 'final test) at or above the target accuracy.')
+                 'final test) at or above the target accuracy. Best-valid checkpoint: the '
+                 'parameters (raw or EMA) with the highest validation accuracy, tested.')
+    lines += ['', *_time_to_accuracy_table(rows)]
   return '\n'.join(lines) + '\n'
+
+
+def _best_cell(row: dict[str, Any]) -> str:
+  best = row.get('best')
+  if not best:
+    return '—'
+  return f'{best["test_accuracy"]:.2%} ({best["step"]:,}, {best["params"]})'
+
+
+def _time_to_accuracy_table(rows: Sequence[dict[str, Any]]) -> list[str]:
+  """Markdown lines: per model, the wall time and images seen at each accuracy threshold."""
+  reports = [(r, r.get('time_to_accuracy')) for r in rows if r.get('time_to_accuracy')]
+  if not reports:
+    return []
+  thresholds = [t['accuracy'] for t in reports[0][1]]
+  lines = ['Time to validation accuracy (raw or EMA parameters, whichever first): wall time in '
+           's / images seen.', '',
+           '| model | ' + ' | '.join(f'{t:.0%}' if t * 100 == int(t * 100) else f'{t:.1%}'
+                                     for t in thresholds) + ' |',
+           '|---|' + '---:|' * len(thresholds)]
+  for row, report in reports:
+    cells = [NOT_REACHED if t['wall_time_s'] is None else
+             f'{t["wall_time_s"]:,.0f} s / {t["images_seen"]:,}' for t in report]
+    lines.append(f'| {_label(row)} | ' + ' | '.join(cells) + ' |')
+  return lines
 
 
 def _label(row: dict[str, Any]) -> str:
@@ -324,4 +359,8 @@ def main(argv):
 
 if __name__ == '__main__':
   _define_flags()
-  app.run(main, argv=config_lib.find_shipped_configs(sys.argv))
+  try:
+    _argv = config_lib.check_command_line(sys.argv)
+  except config_lib.ConfigError as e:
+    sys.exit(f'Error: {e}')  # One line on stderr, exit status 1.
+  app.run(main, argv=_argv)

@@ -43,6 +43,11 @@ DEFAULTS = {
     'optimizer_configs': None,  # Keys: OPTIMIZER_DEFAULTS[optimizer].
     'max_grad_norm': None,  # Global-norm gradient clipping; None: off.
     'label_smoothing': None,  # Targets y * (1 - ls) + ls / K; None: off.
+    'mixup_alpha': 0.0,  # Mixup's Beta(a, a) on the train batch (soft targets); 0: off.
+    'cutmix_alpha': 0.0,  # CutMix's Beta(a, a); with mixup on too, each batch picks one.
+    'ema_decay': None,  # Keep and evaluate an EMA of the parameters with this decay; None: off.
+    # Validation accuracies whose first crossing (wall time, images seen) summary.json reports.
+    'accuracy_thresholds': (0.5, 0.8, 0.9, 0.92, 0.93, 0.95, 0.98, 0.99),
     'init_head_bias': None,  # Fill value of every output_projection bias; None: zeros.
     'lr_configs': REQUIRED,  # Keys: LR_FACTOR_KEYS of its factors.
     'model': REQUIRED,  # scenic's model schema: MODEL_DEFAULTS and TOKENIZER_DEFAULTS.
@@ -50,7 +55,7 @@ DEFAULTS = {
     'loss': 'softmax',  # softmax (cross-entropy) | sigmoid (scenic's multilabel loss).
     # Examples per gradient micro-batch (summed inside the step; the update is unchanged).
     # None: loops.CPU_MICROBATCH_SIZE on CPU, where small micro-batches keep activations in cache;
-    # the whole batch on GPU/TPU.
+    # the whole batch on GPU/TPU. Eval batches use the largest size up to it that divides them.
     'microbatch_size': None,
 }
 # Optimizer -> its optimizer_configs keys with defaults. 'adam' with weight_decay is AdamW, as in
@@ -278,14 +283,27 @@ def _check_values(c: dict[str, Any], num_devices: int | None, errors: list[str])
   micro = c['microbatch_size']
   for key in ('batch_size', 'eval_batch_size'):
     value = c[key]
-    if not isinstance(value, int):
-      continue
-    if num_devices and value % num_devices:
+    if isinstance(value, int) and num_devices and value % num_devices:
       errors.append(f'{key}={value} is not divisible by the {num_devices} devices')
-    if isinstance(micro, int) and micro > 0 and value % micro:
-      errors.append(f'microbatch_size={micro} does not divide {key}={value}')
+  if isinstance(micro, int) and micro > 0 and isinstance(c['batch_size'], int) and \
+      c['batch_size'] % micro:
+    errors.append(f'microbatch_size={micro} does not divide batch_size={c["batch_size"]}')
   if isinstance(micro, int) and micro > 0 and num_devices and micro % num_devices:
     errors.append(f'microbatch_size={micro} is not divisible by the {num_devices} devices')
+  _check_optimizer_values(c, errors)
+  for key in ('mixup_alpha', 'cutmix_alpha'):
+    if not (isinstance(c[key], (int, float)) and math.isfinite(c[key]) and c[key] >= 0):
+      errors.append(f'{key} must be >= 0, got {c[key]!r}')
+  ema = c['ema_decay']
+  if ema is not None and not (isinstance(ema, float) and 0.0 < ema < 1.0):
+    errors.append(f'ema_decay must be in (0, 1) or None, got {ema!r}')
+  dc = c['dataset_configs']
+  padding = dc.get('crop_padding')
+  if not (isinstance(padding, int) and not isinstance(padding, bool) and padding >= 0):
+    errors.append(f'dataset_configs.crop_padding must be an int >= 0, got {padding!r}')
+  crop = dc.get('random_resized_crop')
+  if crop is not None and not (isinstance(crop, (int, float)) and 0.0 < crop <= 1.0):
+    errors.append(f'dataset_configs.random_resized_crop must be in (0, 1] or None, got {crop!r}')
   for key in ('max_grad_norm', 'label_smoothing'):
     value = c[key]
     if value is not None and not (isinstance(value, (int, float)) and math.isfinite(value)
@@ -305,6 +323,33 @@ def _check_values(c: dict[str, Any], num_devices: int | None, errors: list[str])
     vit.check_vit(model, image_shape)
   except ValueError as e:
     errors.append(f'model: {e}'.rstrip('.'))
+
+
+def _is_number(value: Any) -> bool:
+  return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _check_optimizer_values(c: dict[str, Any], errors: list[str]) -> None:
+  """Appends to `errors` every out-of-range optimizer or schedule value of the merged config."""
+  oc, lr = c['optimizer_configs'] or {}, c['lr_configs'] or {}
+  for key in ('beta1', 'beta2', 'momentum'):
+    if key in oc and not (_is_number(oc[key]) and 0.0 <= oc[key] < 1.0):
+      errors.append(f'optimizer_configs.{key} must be in [0, 1), got {oc[key]!r}')
+  if 'epsilon' in oc and not (_is_number(oc['epsilon']) and oc['epsilon'] > 0):
+    errors.append(f'optimizer_configs.epsilon must be > 0, got {oc["epsilon"]!r}')
+  if 'weight_decay' in oc and not (_is_number(oc['weight_decay']) and oc['weight_decay'] >= 0):
+    errors.append(f'optimizer_configs.weight_decay must be >= 0, got {oc["weight_decay"]!r}')
+  base = lr.get('base_learning_rate')
+  if base is not None and not (_is_number(base) and base > 0):
+    errors.append(f'lr_configs.base_learning_rate must be a finite number > 0, got {base!r}')
+  for key in ('warmup_steps', 'steps_per_cycle', 'total_steps'):
+    value = lr.get(key)
+    if value is not None and not (_is_number(value) and value >= 0):
+      errors.append(f'lr_configs.{key} must be >= 0, got {value!r}')
+  for key in ('warmup_alpha', 'alpha', 'end_learning_rate'):
+    value = lr.get(key)
+    if value is not None and not (_is_number(value) and value >= 0):
+      errors.append(f'lr_configs.{key} must be a finite number >= 0, got {value!r}')
 
 
 def num_train_steps(config: ml_collections.ConfigDict, num_train: int) -> int:
@@ -339,12 +384,44 @@ def config_path(path: str) -> pathlib.Path:
   return pathlib.Path(path)
 
 
-def find_shipped_configs(argv: list[str]) -> list[str]:
-  """`argv` with each `--config=PATH[:ARG]` whose PATH does not exist pointed at the shipped file."""
-  out = []
+def check_command_line(argv: list[str], flag: str = 'config') -> list[str]:
+  """Checks `--config=PATH[:ARG]` and its `--config.x.y=...` overrides before flags are parsed.
+
+  Returns `argv` with a PATH that does not exist pointed at the shipped config of that name.
+  Raises ConfigError (one line) for a missing or broken config file or an override of a key the
+  config lacks, naming the closest key; config_flags would raise a long traceback instead.
+  """
+  out, config, path = [], None, None
   for arg in argv:
-    if arg.startswith('--config='):
-      path, sep, rest = arg[len('--config='):].partition(':')
-      arg = f'--config={config_path(path)}{sep}{rest}'
+    if arg.startswith(f'--{flag}='):
+      path, sep, rest = arg[len(f'--{flag}='):].partition(':')
+      path = str(config_path(path))
+      if not os.path.isfile(path):
+        raise ConfigError(f'Config file {path} not found.')
+      try:
+        config = load_config_file(path, rest if sep else None)
+      except Exception as e:  # pylint: disable=broad-except  (a user's file can raise anything)
+        first = (str(e).strip().splitlines() or [''])[0][:200]
+        raise ConfigError(f'Config file {path} failed to load: {type(e).__name__}: {first}'
+                          ) from None
+      arg = f'--{flag}={path}{sep}{rest}'
     out.append(arg)
+  if config is not None:
+    for arg in argv:
+      if arg.startswith(f'--{flag}.'):
+        _check_override(config, arg[len(f'--{flag}.'):].split('=')[0], flag)
   return out
+
+
+def _check_override(config: ml_collections.ConfigDict, dotted: str, flag: str) -> None:
+  """Raises ConfigError unless `dotted` (e.g. 'model.hidden_size') names a key of `config`."""
+  node, done = config, []
+  for key in dotted.split('.'):
+    keys = list(node.keys()) if isinstance(node, ml_collections.ConfigDict) else []
+    if key not in keys:
+      close = difflib.get_close_matches(key, keys, n=1)
+      prefix = '.'.join([flag, *done])
+      hint = f' (did you mean --{prefix}.{close[0]}?)' if close else (
+          f' ({prefix} has no such key)' if keys else f' ({prefix} is not a section)')
+      raise ConfigError(f'Unknown override --{flag}.{dotted}{hint}.')
+    node, done = node[key], [*done, key]

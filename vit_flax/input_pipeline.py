@@ -56,8 +56,11 @@ DATASET_CONFIG_DEFAULTS = {
     'allow_download': True,  # Try a TFDS download when the network probe succeeds.
     'download_timeout_s': 3.0,  # Network probe timeout (the probe is the only wait offline).
     'validation_size': 5000,  # Examples carved from the end of train when there is no valid split.
-    'crop_padding': 0,  # Random-crop padding in pixels for in-memory datasets (0 = off).
-    'random_flip': False,  # Random horizontal flip for in-memory datasets.
+    # Train-time augmentation of in-memory datasets, on device (augment.preprocess):
+    'crop_padding': 0,  # Pad by this many pixels, crop back at a random offset (0 = off).
+    'random_flip': False,  # Random horizontal flip.
+    'random_resized_crop': None,  # Smallest area fraction of an Inception-style crop; None: off.
+    'trivial_augment': False,  # One random TrivialAugment operation per image.
     'image_size': 224,  # Output side of streamed (ImageNet-style) datasets.
 }
 DEBIAN_FASHION_MNIST_DIR = '/usr/share/datasets/fashion-mnist'

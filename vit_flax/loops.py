@@ -81,13 +81,14 @@ def evaluate_arrays(state: TrainState, images: jax.Array, labels: jax.Array, mas
                     batch_sharding: NamedSharding) -> dict[str, jax.Array]:
   """eval_step sums over device-resident uint8 images [n * batch_size, ...], padding masked out."""
 
-  def body(i, sums):
-    cut = lambda a: jax.lax.dynamic_slice_in_dim(a, i * batch_size, batch_size)
-    x = preprocess_fn(jax.lax.with_sharding_constraint(cut(images), batch_sharding))
-    out = eval_fn(state, {'inputs': x, 'label': cut(labels), 'mask': cut(mask)})
-    return jax.tree.map(jnp.add, sums, out)
+  cut = lambda a, i: jax.lax.dynamic_slice_in_dim(a, i * batch_size, batch_size)
 
-  zeros = {k: jnp.zeros((), jnp.float32) for k in ('loss', 'correct', 'count')}
+  def sums(i):
+    x = preprocess_fn(jax.lax.with_sharding_constraint(cut(images, i), batch_sharding))
+    return eval_fn(state, {'inputs': x, 'label': cut(labels, i), 'mask': cut(mask, i)})
+
+  zeros = jax.tree.map(jnp.zeros_like, jax.eval_shape(sums, 0))
+  body = lambda i, total: jax.tree.map(jnp.add, total, sums(i))
   return jax.lax.fori_loop(0, images.shape[0] // batch_size, body, zeros)
 
 
@@ -130,18 +131,18 @@ def num_microbatches(config: ml_collections.ConfigDict, batch_size: int, num_dev
                      backend: str | None = None) -> int:
   """How many micro-batches a batch of `batch_size` is split into (1: no splitting).
 
-  An explicit `microbatch_size` must divide the batch and be divisible by the device count
-  (config.resolve checks). The CPU default is the largest size <= CPU_MICROBATCH_SIZE that does
-  both (e.g. 10 for an eval batch of 1000 on 2 devices), else the whole batch.
+  The micro-batch is the largest size <= `microbatch_size` (default: CPU_MICROBATCH_SIZE on CPU,
+  no splitting on GPU/TPU) that divides the batch and is divisible by the device count, e.g. 10
+  for an eval batch of 1000 on 2 devices; the whole batch when none is. config.resolve checks that
+  an explicit `microbatch_size` divides the train batch.
   """
-  size = config.microbatch_size
-  if size is None:
+  limit = config.microbatch_size
+  if limit is None:
     if (backend or jax.default_backend()) != 'cpu':
       return 1
-    fits = [s for s in range(num_devices, CPU_MICROBATCH_SIZE + 1, num_devices)
-            if batch_size % s == 0]
-    size = fits[-1] if fits else batch_size
-  return batch_size // size
+    limit = CPU_MICROBATCH_SIZE
+  fits = [s for s in range(num_devices, limit + 1, num_devices) if batch_size % s == 0]
+  return batch_size // fits[-1] if fits else 1
 
 
 @dataclasses.dataclass
@@ -171,7 +172,9 @@ def make_runners(ds: input_pipeline.Dataset, config: ml_collections.ConfigDict,
   num_devices = mesh.devices.size
   step_fn = functools.partial(
       steps.train_step, loss=config.loss, label_smoothing=config.label_smoothing,
-      num_microbatches=num_microbatches(config, config.batch_size, num_devices))
+      num_microbatches=num_microbatches(config, config.batch_size, num_devices),
+      mixup_alpha=config.mixup_alpha, cutmix_alpha=config.cutmix_alpha,
+      ema_decay=config.ema_decay)
   eval_fn = functools.partial(
       steps.eval_step, loss=config.loss,
       num_microbatches=num_microbatches(config, config.eval_batch_size, num_devices))
@@ -186,8 +189,10 @@ def _in_memory_runners(ds: input_pipeline.Dataset, config: ml_collections.Config
   """Runners for a dataset held on the device(s); compiles the train loop now."""
   replicated, batch_sharding = NamedSharding(mesh, P()), NamedSharding(mesh, P('data'))
   dc = config.dataset_configs
-  train_preprocess = functools.partial(augment.preprocess, train=True, dataset=ds,
-                                       crop_padding=dc.crop_padding, random_flip=dc.random_flip)
+  train_preprocess = functools.partial(
+      augment.preprocess, train=True, dataset=ds, crop_padding=dc.crop_padding,
+      random_flip=dc.random_flip, random_resized_crop=dc.random_resized_crop,
+      trivial_augment=dc.trivial_augment)
   normalise = lambda x: augment.preprocess(x, None, train=False, dataset=ds)
   images = jax.device_put(ds.train_images, replicated)  # Once: the whole split, uint8.
   labels = jax.device_put(ds.train_labels, replicated)

@@ -35,10 +35,17 @@ def main(argv: list[str]) -> None:
     train.train_and_evaluate(_CONFIG.value, _WORKDIR.value or os.path.join('runs', name))
   except config_lib.ConfigError as e:
     raise app.UsageError(str(e)) from None
+  except train.TrainingStopped as e:
+    print(e)  # One line: where the run stopped and how to resume.
 
 
 def run() -> None:
-  app.run(main, argv=config_lib.find_shipped_configs(sys.argv))
+  """The command: checks --config and its overrides (one-line errors), then runs `main`."""
+  try:
+    argv = config_lib.check_command_line(sys.argv)
+  except config_lib.ConfigError as e:
+    sys.exit(f'Error: {e}')  # One line on stderr, exit status 1.
+  app.run(main, argv=argv)
 
 
 if __name__ == '__main__':

@@ -79,7 +79,7 @@ def make_optimizer(config: ml_collections.ConfigDict, total_steps: int
   return tx
 
 
-def _targets(labels: jax.Array, num_classes: int, label_smoothing: float | None) -> jax.Array:
+def targets(labels: jax.Array, num_classes: int, label_smoothing: float | None) -> jax.Array:
   """One-hot [B, K] targets, smoothed to y * (1 - ls) + ls / K."""
   onehot = jax.nn.one_hot(labels, num_classes, dtype=jnp.float32)
   if label_smoothing:
@@ -87,15 +87,22 @@ def _targets(labels: jax.Array, num_classes: int, label_smoothing: float | None)
   return onehot
 
 
-def example_losses(logits: jax.Array, labels: jax.Array, *, loss: str = 'softmax',
-                   label_smoothing: float | None = None) -> jax.Array:
-  """Per-example losses [B] from logits [B, K] and int labels [B].
+def losses_from_targets(logits: jax.Array, targets: jax.Array, *, loss: str = 'softmax'
+                        ) -> jax.Array:
+  """Per-example losses [B] from logits [B, K] and soft targets [B, K].
 
   softmax: -sum_k y_k log_softmax(z)_k. sigmoid (scenic's multilabel loss): the sum over classes
   of -[y log sigmoid(z) + (1 - y) log sigmoid(-z)].
   """
   logits = logits.astype(jnp.float32)
-  y = _targets(labels, logits.shape[-1], label_smoothing)
   if loss == 'softmax':
-    return -jnp.sum(y * jax.nn.log_softmax(logits), axis=-1)
-  return -jnp.sum(y * jax.nn.log_sigmoid(logits) + (1.0 - y) * jax.nn.log_sigmoid(-logits), axis=-1)
+    return -jnp.sum(targets * jax.nn.log_softmax(logits), axis=-1)
+  return -jnp.sum(targets * jax.nn.log_sigmoid(logits)
+                  + (1.0 - targets) * jax.nn.log_sigmoid(-logits), axis=-1)
+
+
+def example_losses(logits: jax.Array, labels: jax.Array, *, loss: str = 'softmax',
+                   label_smoothing: float | None = None) -> jax.Array:
+  """Per-example losses [B] from logits [B, K] and int labels [B] (see losses_from_targets)."""
+  return losses_from_targets(logits, targets(labels, logits.shape[-1], label_smoothing),
+                             loss=loss)

@@ -14,15 +14,21 @@ import jax.numpy as jnp
 import ml_collections
 import optax
 
+from vit_flax import augment
 from vit_flax import optim
 
-TrainState = train_state.TrainState
+
+
+class TrainState(train_state.TrainState):
+  """flax's TrainState plus `ema_params`, an exponential moving average of `params` (or None)."""
+  ema_params: Any = None
 
 
 def create_train_state(rng: jax.Array, config: ml_collections.ConfigDict, model: Any,
                        input_shape: tuple[int, ...], total_steps: int,
                        sharding: NamedSharding | None = None) -> TrainState:
-  """Initialises parameters (init_head_bias fills output_projection's bias) and the optimizer.
+  """Initialises parameters (init_head_bias fills output_projection's bias), the optimizer and,
+  with `config.ema_decay`, the parameter average.
 
   Runs under jit with `sharding` for every output (replicated over the mesh in training).
   """
@@ -36,7 +42,8 @@ def create_train_state(rng: jax.Array, config: ml_collections.ConfigDict, model:
       flat = {k: jnp.full_like(v, head_bias) if k[-2:] == ('output_projection', 'bias') else v
               for k, v in flat.items()}
       params = traverse_util.unflatten_dict(flat)
-    return TrainState.create(apply_fn=model.apply, params=params, tx=tx)
+    ema = jax.tree.map(jnp.copy, params) if config.ema_decay else None
+    return TrainState.create(apply_fn=model.apply, params=params, tx=tx, ema_params=ema)
 
   return jax.jit(init, out_shardings=sharding)(rng)
 
@@ -53,60 +60,81 @@ def _microbatches(a: jax.Array, num_microbatches: int) -> jax.Array:
 
 def train_step(state: TrainState, batch: dict[str, jax.Array], rng: jax.Array, *,
                loss: str = 'softmax', label_smoothing: float | None = None,
-               num_microbatches: int = 1) -> tuple[TrainState, dict[str, jax.Array]]:
+               num_microbatches: int = 1, mixup_alpha: float = 0.0, cutmix_alpha: float = 0.0,
+               ema_decay: float | None = None) -> tuple[TrainState, dict[str, jax.Array]]:
   """One update on batch {'inputs' [B, H, W, C] float, 'label' [B] int}.
 
-  Dropout uses fold_in(rng, state.step) (and fold_in(that, j) for micro-batch j). With
-  `num_microbatches` M > 1 the gradient of the batch-mean loss is accumulated over M micro-batches
-  in a scan: the same update, with activations small enough to stay in the CPU's caches.
-  Returns the new state and the batch's mean `loss`, `accuracy` and the pre-clipping gradient norm
-  `l2_grads`.
+  Targets are the one-hot labels, smoothed by `label_smoothing`, then mixed with Mixup / CutMix
+  (`augment.mix`) when an alpha is set. Dropout uses fold_in(rng, state.step) (and fold_in(that,
+  j) for micro-batch j). With `num_microbatches` M > 1 the gradient of the batch-mean loss is
+  accumulated over M micro-batches in a scan: the same update, with activations small enough to
+  stay in the CPU's caches. With `ema_decay`, `ema_params` moves towards the new parameters at
+  rate min(ema_decay, (1 + step) / (10 + step)) (a short warm-up, as TF's ExponentialMovingAverage).
+  Returns the new state and the batch's mean `loss`, `accuracy` (against the unmixed labels) and
+  the pre-clipping gradient norm `l2_grads`.
   """
-  dropout_rng = jax.random.fold_in(rng, state.step)
-  batch_size = batch['label'].shape[0]
+  step_rng = jax.random.fold_in(rng, state.step)
+  dropout_rng, mix_rng = jax.random.split(step_rng)
+  labels = batch['label']
+  batch_size = labels.shape[0]
+  num_classes = state.params['output_projection']['bias'].shape[-1]
+  targets = optim.targets(labels, num_classes, label_smoothing)  # [B, K]
+  inputs, targets = augment.mix(batch['inputs'], targets, mix_rng, mixup_alpha=mixup_alpha,
+                                cutmix_alpha=cutmix_alpha)
 
-  def loss_fn(params, inputs, labels, rng):
+  def loss_fn(params, inputs, targets, labels, rng):
     logits = state.apply_fn({'params': params}, inputs, train=True, rngs={'dropout': rng})
-    losses = optim.example_losses(logits, labels, loss=loss, label_smoothing=label_smoothing)
+    losses = optim.losses_from_targets(logits, targets, loss=loss)
     correct = jnp.sum(jnp.argmax(logits, axis=-1) == labels)
     return jnp.sum(losses) / batch_size, correct
 
   grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
   if num_microbatches == 1:
-    (mean_loss, correct), grads = grad_fn(state.params, batch['inputs'], batch['label'],
-                                          dropout_rng)
+    (mean_loss, correct), grads = grad_fn(state.params, inputs, targets, labels, dropout_rng)
   else:
     def accumulate(carry, micro):
-      j, inputs, labels = micro
-      out = grad_fn(state.params, inputs, labels, jax.random.fold_in(dropout_rng, j))
+      j, *parts = micro
+      out = grad_fn(state.params, *parts, jax.random.fold_in(dropout_rng, j))
       return jax.tree.map(jnp.add, carry, out), None
 
     zeros = ((jnp.zeros((), jnp.float32), jnp.zeros((), jnp.int32)),
              jax.tree.map(jnp.zeros_like, state.params))
     ((mean_loss, correct), grads), _ = jax.lax.scan(
         accumulate, zeros, (jnp.arange(num_microbatches),
-                            _microbatches(batch['inputs'], num_microbatches),
-                            _microbatches(batch['label'], num_microbatches)))
+                            *(_microbatches(a, num_microbatches) for a in (inputs, targets,
+                                                                           labels))))
   metrics = {'loss': mean_loss, 'accuracy': correct.astype(jnp.float32) / batch_size,
              'l2_grads': optax.tree.norm(grads)}
-  return state.apply_gradients(grads=grads), metrics
+  new_state = state.apply_gradients(grads=grads)
+  if ema_decay:
+    decay = jnp.minimum(ema_decay, (1.0 + state.step) / (10.0 + state.step))
+    new_state = new_state.replace(ema_params=jax.tree.map(
+        lambda e, p: decay * e + (1.0 - decay) * p, state.ema_params, new_state.params))
+  return new_state, metrics
 
 
 def eval_step(state: TrainState, batch: dict[str, jax.Array], *, loss: str = 'softmax',
               num_microbatches: int = 1) -> dict[str, jax.Array]:
   """Masked sums over batch {'inputs', 'label', 'mask' [B] (0 = padding)}: loss, correct, count.
 
+  With `ema_params` in the state, also `ema_loss` and `ema_correct` of the averaged parameters.
   With `num_microbatches` M > 1 the forward pass runs over M micro-batches in sequence (faster on
   CPU, the same logits).
   """
-  apply = lambda x: state.apply_fn({'params': state.params}, x, train=False)
-  if num_microbatches == 1:
-    logits = apply(batch['inputs'])
-  else:
-    logits = jax.lax.map(apply, _microbatches(batch['inputs'], num_microbatches))  # [M, B/M, K]
-    logits = logits.swapaxes(0, 1).reshape(-1, logits.shape[-1])  # [B, K]
   mask = batch['mask'].astype(jnp.float32)
-  losses = optim.example_losses(logits, batch['label'], loss=loss)
-  correct = (jnp.argmax(logits, axis=-1) == batch['label']).astype(jnp.float32)
-  return {'loss': jnp.sum(losses * mask), 'correct': jnp.sum(correct * mask),
-          'count': jnp.sum(mask)}
+
+  def sums(params, prefix):
+    apply = lambda x: state.apply_fn({'params': params}, x, train=False)
+    if num_microbatches == 1:
+      logits = apply(batch['inputs'])
+    else:
+      logits = jax.lax.map(apply, _microbatches(batch['inputs'], num_microbatches))  # [M, B/M, K]
+      logits = logits.swapaxes(0, 1).reshape(-1, logits.shape[-1])  # [B, K]
+    losses = optim.example_losses(logits, batch['label'], loss=loss)
+    correct = (jnp.argmax(logits, axis=-1) == batch['label']).astype(jnp.float32)
+    return {f'{prefix}loss': jnp.sum(losses * mask), f'{prefix}correct': jnp.sum(correct * mask)}
+
+  out = {**sums(state.params, ''), 'count': jnp.sum(mask)}
+  if state.ema_params is not None:
+    out.update(sums(state.ema_params, 'ema_'))
+  return out

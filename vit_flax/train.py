@@ -10,11 +10,14 @@ writes) and `flops` (GFLOP counts).
 import dataclasses
 import json
 import os
+import signal
+import threading
 import time
 from typing import Any
 
 from absl import logging
 import jax
+import jax.numpy as jnp
 from jax.sharding import NamedSharding, PartitionSpec as P
 import ml_collections
 import numpy as np
@@ -32,6 +35,14 @@ class TrainingDivergedError(RuntimeError):
   """The training loss became NaN or infinite."""
 
 
+class TrainingStopped(Exception):
+  """A stop signal ended the run early, after saving a checkpoint at the step reached."""
+
+
+# At most this many train steps per dispatch, so a stop signal is answered within seconds.
+MAX_STEPS_PER_DISPATCH = 100
+
+
 @dataclasses.dataclass
 class _Run:
   """What the loop needs, built by `_setup`."""
@@ -42,10 +53,12 @@ class _Run:
   rng: jax.Array
   runners: loops.Runners
   manager: Any  # orbax CheckpointManager, or None without checkpoints.
+  best_manager: Any  # The best-validation CheckpointManager, or None without checkpoints.
   log: rundir.MetricsLog
   total_steps: int
   start_step: int
   wall_time: Any  # () -> seconds of training so far, resumed segments included.
+  period: dict[str, float]  # Train metric sums since the last train log (restored on resume).
   num_params: int
   gflops: float
 
@@ -59,7 +72,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   """
   config = config_lib.resolve(config, num_devices=jax.device_count())
   workdir = os.path.abspath(workdir)
-  os.makedirs(workdir, exist_ok=True)
+  rundir.check_workdir(workdir)
+  with rundir.WorkdirLock(workdir):
+    return _train_and_evaluate(config, workdir)
+
+
+def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
+  """train_and_evaluate once the config is resolved and the workdir checked and locked."""
   logging.info('Experiment %r in %s on %d %s device(s): %s', config.experiment_name, workdir,
                jax.device_count(), jax.default_backend(), jax.devices())
   ds = input_pipeline.load_dataset(config)
@@ -70,13 +89,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   rundir.write_config(config, workdir)
   summary_path = os.path.join(workdir, 'summary.json')
   manager = rundir.make_manager(workdir, config.max_checkpoint_keep) if config.checkpoint else None
+  best_manager = rundir.make_best_manager(workdir) if config.checkpoint else None
   run = None
   try:
     if manager and manager.latest_step() == total_steps and os.path.exists(summary_path):
       logging.info('Run in %s already finished at step %d; not training again (delete the '
                    'workdir or pick another to retrain).', workdir, total_steps)
       return rundir.read_json(summary_path)
-    run = _setup(config, workdir, ds, manager, total_steps)
+    run = _setup(config, workdir, ds, manager, best_manager, total_steps)
     step, chunk_times = _train_loop(run)
     summary = _summarise(run, step, chunk_times)
     rundir.write_json(summary_path, summary)
@@ -86,12 +106,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   finally:
     if run:
       run.log.close()
-    if manager:
-      manager.close()
+    for m in (manager, best_manager):
+      if m:
+        m.close()
 
 
 def _setup(config: ml_collections.ConfigDict, workdir: str, ds: input_pipeline.Dataset,
-           manager: Any, total_steps: int) -> _Run:
+           manager: Any, best_manager: Any, total_steps: int) -> _Run:
   """Builds the model and train state, resumes from the latest checkpoint, compiles the runners."""
   run_start = time.time()
   mesh = loops.make_mesh()
@@ -110,10 +131,12 @@ def _setup(config: ml_collections.ConfigDict, workdir: str, ds: input_pipeline.D
                'FLOPs; scenic reports half).', f'{num_params:,}', gflops)
 
   start_step, wall_offset = 0, 0.0
+  period = dict.fromkeys((*loops.TRAIN_SUMS, 'steps', 'seconds'), 0.0)
   restored = rundir.restore_latest(manager, state, rng) if manager else None
   if restored is not None:
     state, rng, meta = restored
     start_step, wall_offset = int(meta['step']), float(meta.get('wall_time_s', 0.0))
+    period.update(meta.get('period', {}))
     logging.info('Resumed from checkpoint step %d (%s of training so far).', start_step,
                  _duration(wall_offset))
   if start_step > total_steps:
@@ -124,9 +147,10 @@ def _setup(config: ml_collections.ConfigDict, workdir: str, ds: input_pipeline.D
   if start_step == 0:
     log.writer.write_scalars(0, {'num_params': num_params, 'gflops_per_image': gflops})
   return _Run(config=config, workdir=workdir, ds=ds, state=state, rng=rng, runners=runners,
-              manager=manager, log=log, total_steps=total_steps, start_step=start_step,
-              wall_time=lambda: wall_offset + time.time() - run_start, num_params=num_params,
-              gflops=gflops)
+              manager=manager, best_manager=best_manager, log=log, total_steps=total_steps,
+              start_step=start_step,
+              wall_time=lambda: wall_offset + time.time() - run_start, period=period,
+              num_params=num_params, gflops=gflops)
 
 
 def _next_boundary(run: _Run, step: int) -> int:
@@ -139,37 +163,93 @@ def _next_boundary(run: _Run, step: int) -> int:
 
 
 def _train_loop(run: _Run) -> tuple[int, list[tuple[int, float]]]:
-  """Trains from run.start_step to run.total_steps; returns the final step and chunk timings."""
+  """Trains from run.start_step to run.total_steps; returns the final step and chunk timings.
+
+  SIGTERM or SIGINT (Colab's stop button, a TPU preemption, SLURM, Ctrl-C) lets the dispatch in
+  flight finish, saves a checkpoint at the step reached and raises TrainingStopped; a second
+  Ctrl-C interrupts at once.
+  """
   c = run.config
   lr_fn = optim.make_lr_schedule(c.lr_configs.to_dict(), run.total_steps)
   step = run.start_step
-  period = dict.fromkeys((*loops.TRAIN_SUMS, 'steps', 'seconds'), 0.0)
+  period = run.period  # Train metric sums since the last log, carried across a resume.
   chunk_times = []  # (steps, seconds) of each dispatch, for the steady-state throughput.
-  while step < run.total_steps:
-    num_steps = _next_boundary(run, step) - step
-    t = time.time()
-    run.state, sums = run.runners.run_chunk(run.state, step, num_steps)
-    sums = jax.device_get(sums)  # The only wait for the device per chunk.
-    seconds = time.time() - t
-    if not np.isfinite(sums['loss']):
-      last = run.manager.latest_step() if run.manager else None
-      raise TrainingDivergedError(
-          f'Non-finite training loss at step {step + int(sums["steps"])}: stopping. The last '
-          'good checkpoint is '
-          f'{"step " + str(last) + " in " + run.manager.directory.as_posix() if last else "none"}'
-          '; lower lr_configs.base_learning_rate or set max_grad_norm and re-run.')
-    step += num_steps
-    chunk_times.append((num_steps, seconds))
-    for k in period:
-      period[k] += seconds if k == 'seconds' else float(sums[k])
-    if step % c.log_summary_steps == 0 or step == run.total_steps:
-      _log_train(run, step, period, float(lr_fn(step - 1)))
-      period = dict.fromkeys(period, 0.0)
-    if step % c.log_eval_steps == 0 or step == run.total_steps:
-      _log_eval(run, step, 'valid')
-    if run.manager and (step % c.checkpoint_steps == 0 or step == run.total_steps):
-      rundir.save(run.manager, step, run.state, run.rng, {'wall_time_s': run.wall_time()})
+  with _StopSignals() as stop:
+    while step < run.total_steps:
+      num_steps = min(_next_boundary(run, step) - step, MAX_STEPS_PER_DISPATCH)
+      t = time.time()
+      run.state, sums = run.runners.run_chunk(run.state, step, num_steps)
+      sums = jax.device_get(sums)  # The only wait for the device per chunk.
+      seconds = time.time() - t
+      if not np.isfinite(sums['loss']):
+        _diverged(run, step + int(sums['steps']), float(lr_fn(step + int(sums['steps']) - 1)))
+      step += num_steps
+      chunk_times.append((num_steps, seconds))
+      for k in period:
+        period[k] += seconds if k == 'seconds' else float(sums[k])
+      if step % c.log_summary_steps == 0 or step == run.total_steps:
+        _log_train(run, step, period, float(lr_fn(step - 1)))
+        period = dict.fromkeys(period, 0.0)
+      if step % c.log_eval_steps == 0 or step == run.total_steps:
+        valid = _log_eval(run, step, 'valid')
+        if valid and run.best_manager:
+          _offer_best(run, step, valid[0])
+      due = step % c.checkpoint_steps == 0 or step == run.total_steps
+      if run.manager and (due or stop.signal):
+        if not _all_finite(run.state.params):  # Never save (or call good) exploded parameters.
+          _diverged(run, step, float(lr_fn(step - 1)), what='parameters')
+        rundir.save(run.manager, step, run.state, run.rng,
+                    {'wall_time_s': run.wall_time(), 'period': period})
+      if stop.signal and step < run.total_steps:
+        where = f'saved a checkpoint at step {step}' if run.manager else 'checkpoints are off'
+        raise TrainingStopped(
+            f'Stopped by {stop.signal} at step {step}/{run.total_steps}; {where}. Run the same '
+            'command again to resume.')
   return step, chunk_times
+
+
+@jax.jit
+def _all_finite(tree: Any) -> jax.Array:
+  return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)]))
+
+
+def _diverged(run: _Run, step: int, learning_rate: float, what: str = 'training loss') -> None:
+  """Raises TrainingDivergedError naming the step, the learning rate and the last checkpoint."""
+  last = run.manager.latest_step() if run.manager else None
+  where = f'step {last} in {run.manager.directory.as_posix()}' if last else 'none'
+  raise TrainingDivergedError(
+      f'Non-finite {what} at step {step} (learning rate {learning_rate:.3g}): stopping. '
+      f'The last good checkpoint is {where}; lower lr_configs.base_learning_rate or set '
+      'max_grad_norm, and train in a new workdir (or delete the checkpoints after it).')
+
+
+class _StopSignals:
+  """Turns the first SIGTERM / SIGINT into `self.signal` (its name), checked between dispatches.
+
+  A second SIGINT interrupts at once (the default handler is back after the first).
+  """
+
+  def __init__(self):
+    self.signal = None
+    self._previous = {}
+
+  def _handle(self, signum, frame):
+    del frame
+    self.signal = signal.Signals(signum).name
+    logging.warning('%s received: stopping after the current dispatch (Ctrl-C again to abort).',
+                    self.signal)
+    for sig, handler in self._previous.items():
+      signal.signal(sig, handler)
+
+  def __enter__(self):
+    if threading.current_thread() is threading.main_thread():
+      for sig in (signal.SIGTERM, signal.SIGINT):
+        self._previous[sig] = signal.signal(sig, self._handle)
+    return self
+
+  def __exit__(self, *exc):
+    for sig, handler in self._previous.items():
+      signal.signal(sig, handler)
 
 
 def _log_train(run: _Run, step: int, period: dict[str, float], learning_rate: float) -> None:
@@ -187,19 +267,40 @@ def _log_train(run: _Run, step: int, period: dict[str, float], learning_rate: fl
                _duration(eta))
 
 
-def _log_eval(run: _Run, step: int, split: str) -> tuple[dict[str, float], float] | None:
-  """Evaluates `split`; writes and logs its loss and accuracy; returns them and images/s."""
-  result = run.runners.evaluate(run.state, split)
+def _log_eval(run: _Run, step: int, split: str, *, state: steps.TrainState | None = None,
+              log: bool = True) -> tuple[dict[str, float], float] | None:
+  """Evaluates `split` (of `state`, default the run's); logs (and, with `log`, writes) its loss
+  and accuracy (and the EMA's); returns them and images/s."""
+  result = run.runners.evaluate(state or run.state, split)
   if result is None:
     return None
   sums, seconds = result
   count = max(float(sums['count']), 1.0)
   scalars = {f'{split}_loss': float(sums['loss']) / count,
              f'{split}_accuracy': float(sums['correct']) / count}
-  run.log.write(step, run.wall_time(), scalars)
-  logging.info('step %d | %s loss %.4f | %s accuracy %.4f | %d images in %.1f s', step, split,
-               scalars[f'{split}_loss'], split, scalars[f'{split}_accuracy'], int(count), seconds)
+  if 'ema_correct' in sums:
+    scalars.update({f'{split}_ema_loss': float(sums['ema_loss']) / count,
+                    f'{split}_ema_accuracy': float(sums['ema_correct']) / count})
+  if log:
+    run.log.write(step, run.wall_time(), scalars)
+  ema = (f' | EMA accuracy {scalars[f"{split}_ema_accuracy"]:.4f}'
+         if 'ema_correct' in sums else '')
+  logging.info('step %d | %s loss %.4f | %s accuracy %.4f%s | %d images in %.1f s', step, split,
+               scalars[f'{split}_loss'], split, scalars[f'{split}_accuracy'], ema, int(count),
+               seconds)
   return scalars, count / max(seconds, 1e-9)
+
+
+def _offer_best(run: _Run, step: int, valid: dict[str, float]) -> None:
+  """Saves the evaluated parameters (EMA or raw, whichever scored higher) to WORKDIR/best.
+
+  orbax keeps the step with the highest validation accuracy.
+  """
+  use_ema = valid.get('valid_ema_accuracy', -1.0) > valid['valid_accuracy']
+  accuracy = valid['valid_ema_accuracy'] if use_ema else valid['valid_accuracy']
+  params = run.state.ema_params if use_ema else run.state.params
+  rundir.save_best(run.best_manager, step, params,
+                   {'valid_accuracy': accuracy, 'params': 'ema' if use_ema else 'raw'})
 
 
 def _summarise(run: _Run, step: int, chunk_times: list[tuple[int, float]]) -> dict[str, Any]:
@@ -209,8 +310,13 @@ def _summarise(run: _Run, step: int, chunk_times: list[tuple[int, float]]) -> di
     raise ValueError(f'Dataset {run.ds.name} has no test split to report.')
   steady = chunk_times[1:] or chunk_times  # The first dispatch pays one-off start-up costs.
   ds = run.ds
+  records = run.log.records()
   return {
       'test_accuracy': test[0]['test_accuracy'], 'test_loss': test[0]['test_loss'],
+      **{k: v for k, v in test[0].items() if k.startswith('test_ema_')},
+      'best': _best_summary(run, step),
+      'time_to_accuracy': time_to_accuracy(records, run.config.accuracy_thresholds,
+                                           run.config.batch_size),
       'num_params': run.num_params, 'gflops_per_image': run.gflops,
       'gflops_per_image_counting': 'XLA cost analysis, forward pass at batch 1, a multiply-add '
                                    'counts as 2 FLOPs (scenic counts 1)',
@@ -221,9 +327,39 @@ def _summarise(run: _Run, step: int, chunk_times: list[tuple[int, float]]) -> di
                   'num_valid': ds.num_valid, 'num_test': ds.num_test},
       'devices': f'{jax.device_count()} x {jax.devices()[0].device_kind}',
       'config': json.loads(run.config.to_json_best_effort()),
-      'eval_history': [{k: r[k] for k in ('step', 'wall_time_s', 'valid_accuracy')}
-                       for r in run.log.records() if 'valid_accuracy' in r],
+      'eval_history': [{k: r[k] for k in ('step', 'wall_time_s', 'valid_accuracy',
+                                          'valid_ema_accuracy') if k in r}
+                       for r in records if 'valid_accuracy' in r],
   }
+
+
+def _best_summary(run: _Run, step: int) -> dict[str, Any] | None:
+  """The best-validation checkpoint's step, accuracy and test accuracy (None without one)."""
+  restored = rundir.restore_best(run.best_manager, run.state.params) if run.best_manager else None
+  if restored is None:
+    return None
+  params, meta = restored
+  state = run.state.replace(params=params)
+  if state.ema_params is not None:  # Same tree structure as the compiled evaluation's state.
+    state = state.replace(ema_params=params)
+  test = _log_eval(run, step, 'test', state=state, log=False)
+  return {'step': meta['step'], 'params': meta['params'], 'valid_accuracy': meta['valid_accuracy'],
+          'test_accuracy': test[0]['test_accuracy'], 'test_loss': test[0]['test_loss']}
+
+
+def time_to_accuracy(records: list[dict[str, Any]], thresholds: Any, batch_size: int
+                     ) -> list[dict[str, Any]]:
+  """For each threshold, the first validation (raw or EMA) at or above it: step, wall time and
+  images seen, or None where it was never reached."""
+  out = []
+  for threshold in thresholds:
+    hit = next((r for r in records
+                if max(r.get('valid_accuracy', -1), r.get('valid_ema_accuracy', -1)) >= threshold),
+               None)
+    out.append({'accuracy': threshold, 'step': hit and hit['step'],
+                'wall_time_s': hit and hit['wall_time_s'],
+                'images_seen': hit and hit['step'] * batch_size})
+  return out
 
 
 def _duration(seconds: float) -> str:

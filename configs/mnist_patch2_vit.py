@@ -1,0 +1,19 @@
+"""The course's seed experiment without TokenLearner: MNIST, patch 2 (196 tokens), width 64, 4 layers.
+
+The baseline for configs/mnist_patch2_tl.py: that file with `tokenizer.type = 'patch'`.
+
+Command:
+  python -m vit_flax.main --config=configs/mnist_patch2_vit.py [--workdir=runs/mnist_patch2_vit]
+
+Measured: see the README's results table.
+"""
+
+from vit_flax.configs import mnist_patch2_tl
+
+
+def get_config():
+  """Returns configs/mnist_patch2_tl.py without its TokenLearner."""
+  config = mnist_patch2_tl.get_config()
+  config.experiment_name = 'mnist_patch2_vit'
+  config.model.tokenizer.type = 'patch'  # A plain ViT; the learner's keys stay, unread.
+  return config
