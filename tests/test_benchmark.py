@@ -142,7 +142,7 @@ def test_format_report_shows_speedups_and_torch_errors():
 
 @pytest.mark.skipif(importlib.util.find_spec('torch') is None, reason='PyTorch not installed')
 def test_torch_twin_runs_in_a_subprocess():
-  config = tiny_config()
+  config = config_lib.resolve(tiny_config())
   r = benchmark.torch_images_per_s(config, (28, 28, 1), 10, min_time_s=0.2, windows=2)
   assert r['images_per_s'] > 0 and len(r['window_step_s']) == 2 and r['threads'] >= 1
   config.model.tokenizer.use_tokenfuse = True

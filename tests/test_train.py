@@ -4,7 +4,9 @@ import json
 import math
 import os
 import pathlib
+import shutil
 import signal
+import socket
 import subprocess
 import sys
 
@@ -390,3 +392,58 @@ def test_streamed_dataset_trains_and_evaluates(tmp_path, monkeypatch):
   assert [r['step'] for r in records if 'train_loss' in r] == [3, 6]
   assert all(np.isfinite(r['train_loss']) for r in records if 'train_loss' in r)
   assert sorted(os.listdir(tmp_path / 'checkpoints')) == ['3', '6']
+
+
+def test_damaged_latest_checkpoint_is_moved_aside_and_the_older_one_used(tiny_run, tmp_path,
+                                                                       caplog):
+  """Truncate the latest step's data: a one-line warning, the step moved aside, step 30 used."""
+  workdir = _damaged_copy(tiny_run[0], tmp_path, steps=('40',))
+  (workdir / 'checkpoints' / 'notes').mkdir()  # A stray directory: not a checkpoint.
+  summary = train.train_and_evaluate(tiny_config(), str(workdir))
+  assert summary['steps'] == 40
+  assert os.listdir(workdir / 'checkpoints_unreadable') == ['40']
+  assert (workdir / 'checkpoints' / 'notes').is_dir()  # Left alone.
+  warnings = [r.getMessage() for r in caplog.records if 'cannot be read' in r.getMessage()]
+  assert len(warnings) == 1 and '\n' not in warnings[0] and 'step 40' in warnings[0]
+
+
+def test_no_readable_checkpoint_is_a_one_line_error(tiny_run, tmp_path):
+  workdir = _damaged_copy(tiny_run[0], tmp_path, steps=('30', '40'))
+  with pytest.raises(rundir.CheckpointError,
+                     match=r'No readable checkpoint in .*: tried steps 40 \(moved to .*\), 30'):
+    train.train_and_evaluate(tiny_config(), str(workdir))
+
+
+def _damaged_copy(run_dir, tmp_path, steps):
+  """A copy of a finished run, resumable (no summary.json), with `steps`' data files truncated."""
+  workdir = tmp_path / 'run'
+  shutil.copytree(run_dir, workdir)
+  os.remove(workdir / 'summary.json')
+  for step in steps:
+    for p in (workdir / 'checkpoints' / step / 'params').rglob('*'):
+      if p.is_file() and p.stat().st_size > 1000:
+        p.write_bytes(p.read_bytes()[:100])
+  return workdir
+
+
+def test_a_workdir_in_use_is_refused_and_a_stale_lock_taken_over(tmp_path, caplog):
+  holder = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)'])
+  try:
+    (tmp_path / '.lock').write_text(json.dumps({'pid': holder.pid,
+                                                'host': socket.gethostname()}))
+    with pytest.raises(rundir.WorkdirBusyError, match=f'in use by process {holder.pid} on '):
+      with rundir.WorkdirLock(str(tmp_path)):
+        pass
+  finally:
+    holder.kill()
+    holder.wait()
+  with rundir.WorkdirLock(str(tmp_path)) as lock:  # The holder is gone: a stale lock.
+    assert json.loads((tmp_path / '.lock').read_text())['pid'] == os.getpid() and lock.held
+  assert not (tmp_path / '.lock').exists()
+  assert any('stale lock' in r.getMessage() for r in caplog.records)
+
+
+def test_checkpoints_being_a_file_is_refused_before_any_work(tmp_path):
+  (tmp_path / 'checkpoints').write_text('not a directory')
+  with pytest.raises(OSError, match='checkpoints exists and is not a directory'):
+    train.train_and_evaluate(tiny_config(), str(tmp_path))

@@ -246,7 +246,7 @@ def _model_name(config: ml_collections.ConfigDict) -> str:
 def torch_images_per_s(config: ml_collections.ConfigDict, image_shape: Sequence[int],
                        num_classes: int, *, min_time_s: float = 10.0, windows: int = 5,
                        timeout_s: float = 1800.0) -> dict[str, Any]:
-  """Runs benchmarks/torch_vit.py on `config`'s model in a subprocess; returns its JSON result.
+  """Runs benchmarks/torch_vit.py on a resolved `config`'s model in a subprocess; returns its JSON.
 
   Returns {'error': message} when PyTorch is not installed, the model has no PyTorch equivalent
   there (V1 TokenLearner, TokenFuser, non-GAP/token pooling, representation layer), or it fails.
@@ -273,7 +273,7 @@ def torch_images_per_s(config: ml_collections.ConfigDict, image_shape: Sequence[
       f'--tokenlearner_loc={m.get("tokenlearner_loc") or 0}', f'--classifier={m["classifier"]}',
       f'--dropout_rate={m["dropout_rate"]}', f'--batch_size={config.batch_size}',
       f'--min_time_s={min_time_s}', f'--windows={windows}']
-  if config.get('max_grad_norm'):
+  if config.max_grad_norm:
     args.append(f'--max_grad_norm={config.max_grad_norm}')
   try:
     out = subprocess.run([sys.executable, str(TORCH_SCRIPT), *args], capture_output=True,
@@ -295,6 +295,7 @@ def run_benchmark(config: ml_collections.ConfigDict, image_shape: Sequence[int],
   `peak_fraction` is its achieved train GFLOP/s over it. `kwargs` go to `benchmark_model`.
   """
   tl = {'both': (False, True), 'yes': (True,), 'no': (False,)}[with_tl]
+  config = config_lib.resolve(config, num_devices=jax.device_count())
   peaks = [flops.matmul_peak_gflops()]
   results = []
   for enabled in tl:

@@ -273,6 +273,8 @@ def _resolve_lr_configs(lr: dict[str, Any], errors: list[str]) -> dict[str, Any]
 
 def _check_values(c: dict[str, Any], num_devices: int | None, errors: list[str]) -> None:
   """Appends to `errors` every out-of-range value of the merged config `c`."""
+  if not (isinstance(c['dataset_name'], str) and c['dataset_name']):
+    errors.append(f'dataset_name must be a TFDS name, got {c["dataset_name"]!r}')
   for key in _POSITIVE_INTS:
     value = c[key]
     if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
@@ -321,7 +323,7 @@ def _check_values(c: dict[str, Any], num_devices: int | None, errors: list[str])
   try:
     model = vit.ViT(num_classes=info.num_classes if info else 1, **model_kwargs(c['model']))
     vit.check_vit(model, image_shape)
-  except ValueError as e:
+  except (ValueError, TypeError) as e:  # TypeError: a size given as a string, say.
     errors.append(f'model: {e}'.rstrip('.'))
 
 
