@@ -79,7 +79,12 @@ def save(manager: ocp.CheckpointManager, step: int, state: Any, rng: jax.Array,
 
 def save_best(manager: ocp.CheckpointManager, step: int, params: Any,
               meta: dict[str, Any]) -> None:
-  """Offers `params` at `step` to the best-checkpoint manager, ranked by meta['valid_accuracy']."""
+  """Offers `params` at `step` to the best-checkpoint manager, ranked by meta['valid_accuracy'].
+
+  A step already there (a resumed run evaluating a step again) is left as it is.
+  """
+  if step in manager.all_steps():
+    return
   manager.save(step, args=ocp.args.Composite(
       params=ocp.args.StandardSave(params), meta=ocp.args.JsonSave(dict(meta, step=int(step)))),
       metrics={'valid_accuracy': float(meta['valid_accuracy'])}, force=True)
