@@ -39,6 +39,12 @@ SUMMARY_KEYS = {'test_accuracy', 'test_loss', 'num_params', 'gflops_per_image', 
 # Pure pieces.
 
 
+def _with_random_head(state):
+  """The state with a random output kernel, so predictions vary (the head starts at zero)."""
+  return state.replace(params={**state.params, 'output_projection': {
+      'kernel': jax.random.normal(jax.random.PRNGKey(2), (16, 10)), 'bias': jnp.zeros(10)}})
+
+
 def test_lr_schedule_linear_decay_matches_scenic():
   """scenic's im1k_token_learner_config.py schedule: warmup to 5e-3, linear decay to 1e-5."""
   lr_configs = {'learning_rate_schedule': 'compound',
@@ -103,8 +109,7 @@ def test_init_head_bias_and_masked_eval_sums_are_exact():
                                    replicated)
   np.testing.assert_array_equal(state.params['output_projection']['bias'], -2.0)
   # Random output weights so predictions vary; 70 examples = 2 full batches of 32 + 6.
-  state = state.replace(params={**state.params, 'output_projection': {
-      'kernel': jax.random.normal(jax.random.PRNGKey(2), (16, 10)), 'bias': jnp.zeros(10)}})
+  state = _with_random_head(state)
   rng = np.random.default_rng(0)
   images = rng.integers(0, 256, (70, 28, 28, 1), dtype=np.uint8)
   labels = rng.integers(0, 10, 70).astype(np.int32)
@@ -127,8 +132,7 @@ def test_microbatched_steps_equal_whole_batch_steps():
   config = config_lib.resolve(config)
   model = config_lib.build_model(config.model, 10)
   state = steps.create_train_state(jax.random.PRNGKey(0), config, model, (1, 28, 28, 1), 10)
-  state = state.replace(params={**state.params, 'output_projection': {
-      'kernel': jax.random.normal(jax.random.PRNGKey(2), (16, 10)), 'bias': jnp.zeros(10)}})
+  state = _with_random_head(state)
   rng = np.random.default_rng(0)
   batch = {'inputs': jnp.asarray(rng.normal(size=(32, 28, 28, 1)), jnp.float32),
            'label': jnp.asarray(rng.integers(0, 10, 32), jnp.int32),
@@ -171,8 +175,7 @@ def test_mixup_soft_targets_are_what_the_step_trains_on():
   config = config_lib.resolve(config)
   model = config_lib.build_model(config.model, 10)
   state = steps.create_train_state(jax.random.PRNGKey(0), config, model, (1, 28, 28, 1), 10)
-  state = state.replace(params={**state.params, 'output_projection': {
-      'kernel': jax.random.normal(jax.random.PRNGKey(2), (16, 10)), 'bias': jnp.zeros(10)}})
+  state = _with_random_head(state)
   rng = np.random.default_rng(0)
   batch = {'inputs': jnp.asarray(rng.normal(size=(8, 28, 28, 1)), jnp.float32),
            'label': jnp.asarray(rng.integers(0, 10, 8), jnp.int32)}
