@@ -2,6 +2,8 @@
 
 import json
 
+import pytest
+
 from helpers import tiny_config
 from vit_flax import compare
 from vit_flax import config as config_lib
@@ -91,3 +93,9 @@ def test_sweep_plot_and_benchmark_only_table(tmp_path):
   table = compare.markdown_table(result)
   assert '| ViT + TokenLearner (S=8, loc=1) | 1,100 | 0.2 | 250 | 900 | 2.50× | 15.0% |' in table
   assert 'test accuracy' not in table
+
+
+def test_a_bad_sweep_point_fails_before_anything_trains(tmp_path):
+  with pytest.raises(config_lib.ConfigError, match='tokenlearner_loc must be in'):
+    compare.run_comparison(_tiny_config(), tmp_path, tokenlearner_locs=[1, 5])
+  assert not (tmp_path / 'vit').exists()

@@ -140,6 +140,8 @@ def run_comparison(config: ml_collections.ConfigDict, workdir: str | os.PathLike
   workdir = pathlib.Path(workdir)
   workdir.mkdir(parents=True, exist_ok=True)
   runs = variants(config, num_tokens, tokenlearner_locs)
+  for _, cfg in runs:  # Every sweep point's config, checked before the first run trains.
+    config_lib.resolve(cfg, num_devices=jax.device_count())
   sweep = bool(num_tokens or tokenlearner_locs)
   result = dict(config_name=name or _config_name(config), benchmark_only=benchmark_only,
                 target_accuracy=None if benchmark_only else target_accuracy,
