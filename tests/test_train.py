@@ -45,6 +45,19 @@ def _with_random_head(state):
       'kernel': jax.random.normal(jax.random.PRNGKey(2), (16, 10)), 'bias': jnp.zeros(10)}})
 
 
+def _dropout_free_state_and_batch(batch_size):
+  """(model, state with a random head, random batch) of the tiny config without dropout."""
+  config = tiny_config()
+  config.model.dropout_rate = 0.0
+  config = config_lib.resolve(config)
+  model = config_lib.build_model(config.model, 10)
+  state = steps.create_train_state(jax.random.PRNGKey(0), config, model, (1, 28, 28, 1), 10)
+  rng = np.random.default_rng(0)
+  batch = {'inputs': jnp.asarray(rng.normal(size=(batch_size, 28, 28, 1)), jnp.float32),
+           'label': jnp.asarray(rng.integers(0, 10, batch_size), jnp.int32)}
+  return model, _with_random_head(state), batch
+
+
 def test_lr_schedule_linear_decay_matches_scenic():
   """scenic's im1k_token_learner_config.py schedule: warmup to 5e-3, linear decay to 1e-5."""
   lr_configs = {'learning_rate_schedule': 'compound',
@@ -127,16 +140,8 @@ def test_init_head_bias_and_masked_eval_sums_are_exact():
 
 def test_microbatched_steps_equal_whole_batch_steps():
   """Micro-batching (the CPU default) changes the speed, not the update: same grads and metrics."""
-  config = tiny_config()
-  config.model.dropout_rate = 0.0  # Dropout masks depend on the micro-batch split by design.
-  config = config_lib.resolve(config)
-  model = config_lib.build_model(config.model, 10)
-  state = steps.create_train_state(jax.random.PRNGKey(0), config, model, (1, 28, 28, 1), 10)
-  state = _with_random_head(state)
-  rng = np.random.default_rng(0)
-  batch = {'inputs': jnp.asarray(rng.normal(size=(32, 28, 28, 1)), jnp.float32),
-           'label': jnp.asarray(rng.integers(0, 10, 32), jnp.int32),
-           'mask': jnp.ones(32)}
+  _, state, batch = _dropout_free_state_and_batch(32)  # Dropout masks depend on the split.
+  batch['mask'] = jnp.ones(32)
   step = jax.jit(steps.train_step, static_argnames='num_microbatches')
   whole, whole_metrics = step(state, batch, jax.random.PRNGKey(3), num_microbatches=1)
   micro, micro_metrics = step(state, batch, jax.random.PRNGKey(3), num_microbatches=4)
@@ -170,15 +175,7 @@ def test_ema_moves_towards_the_new_parameters_with_warmup():
 
 def test_mixup_soft_targets_are_what_the_step_trains_on():
   """train_step's loss with mixup equals the soft-target loss on augment.mix's batch."""
-  config = tiny_config()
-  config.model.dropout_rate = 0.0
-  config = config_lib.resolve(config)
-  model = config_lib.build_model(config.model, 10)
-  state = steps.create_train_state(jax.random.PRNGKey(0), config, model, (1, 28, 28, 1), 10)
-  state = _with_random_head(state)
-  rng = np.random.default_rng(0)
-  batch = {'inputs': jnp.asarray(rng.normal(size=(8, 28, 28, 1)), jnp.float32),
-           'label': jnp.asarray(rng.integers(0, 10, 8), jnp.int32)}
+  model, state, batch = _dropout_free_state_and_batch(8)
   key = jax.random.PRNGKey(1)
   _, plain = steps.train_step(state, batch, key)
   _, mixed = steps.train_step(state, batch, key, mixup_alpha=1.0, label_smoothing=0.1)
