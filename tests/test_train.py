@@ -127,10 +127,9 @@ def test_init_head_bias_and_masked_eval_sums_are_exact():
   images = rng.integers(0, 256, (70, 28, 28, 1), dtype=np.uint8)
   labels = rng.integers(0, 10, 70).astype(np.int32)
   normalise = lambda x: augment.preprocess(x, None, train=False, dataset='mnist')
-  sums = loops.evaluate_arrays(
-      state, *loops.pad_to_batch(images, labels, 32), batch_size=32, eval_fn=steps.eval_step,
-      preprocess_fn=normalise,
-      batch_sharding=jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec('data')))
+  batches = loops.pad_to_batch(images, labels, 32)  # [3, 32, ...]
+  assert batches[0].shape == (3, 32, 28, 28, 1) and batches[2].sum() == 70
+  sums = loops.evaluate_arrays(state, *batches, eval_fn=steps.eval_step, preprocess_fn=normalise)
   logits = model.apply({'params': state.params}, normalise(images))
   losses = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
   assert float(sums['count']) == 70
@@ -248,9 +247,10 @@ def test_end_to_end_writes_everything(tiny_run):
   assert 0.0 <= best['test_accuracy'] <= 1.0
   assert [t['accuracy'] for t in summary['time_to_accuracy']] == list(
       config_lib.DEFAULTS['accuracy_thresholds'])
-  config, params, step = rundir.load_run(workdir)
-  assert step == 40 and config.model.hidden_size == 16
-  assert params['output_projection']['kernel'].shape == (16, 10)
+  loaded = rundir.load_run(workdir)
+  assert loaded.step == 40 and loaded.config.model.hidden_size == 16
+  assert loaded.params['output_projection']['kernel'].shape == (16, 10)
+  assert loaded.batch_stats is None
 
 
 def test_finished_run_does_not_train_again(tiny_run, monkeypatch):
@@ -280,8 +280,8 @@ def test_stopped_then_resumed_equals_uninterrupted(tiny_run, tmp_path, monkeypat
   summary = train.train_and_evaluate(tiny_config(), str(tmp_path))
 
   reference_dir, reference = tiny_run
-  _, params, step = rundir.load_run(str(tmp_path))
-  _, reference_params, _ = rundir.load_run(reference_dir)
+  _, params, step, _ = rundir.load_run(str(tmp_path))
+  _, reference_params, _, _ = rundir.load_run(reference_dir)
   assert step == 40
   jax.tree.map(np.testing.assert_array_equal, params, reference_params)
   strip = lambda rs: [{k: v for k, v in r.items() if 'wall_time' not in k and 'per_s' not in k}
@@ -308,8 +308,8 @@ def test_sigterm_saves_then_resume_equals_uninterrupted(tiny_run, tmp_path, monk
   monkeypatch.setattr(train, '_log_train', log_train)
   summary = train.train_and_evaluate(tiny_config(), str(tmp_path))
   reference_dir, reference = tiny_run
-  _, params, _ = rundir.load_run(str(tmp_path))
-  _, reference_params, _ = rundir.load_run(reference_dir)
+  params, reference_params = rundir.load_run(str(tmp_path)).params, rundir.load_run(
+      reference_dir).params
   jax.tree.map(np.testing.assert_array_equal, params, reference_params)
   assert summary['test_loss'] == reference['test_loss']
 
@@ -329,7 +329,7 @@ def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path, monkeypa
                      match=r'Non-finite training loss at step 16.*last good checkpoint is step 10'):
     train.train_and_evaluate(tiny_config(), str(tmp_path))
   assert sorted(os.listdir(tmp_path / 'checkpoints')) == ['10']
-  _, params, _ = rundir.load_run(str(tmp_path))
+  params = rundir.load_run(str(tmp_path)).params
   assert all(np.isfinite(p).all() for p in jax.tree.leaves(params))
   assert not (tmp_path / 'summary.json').exists()
 

@@ -57,6 +57,13 @@ DEFAULTS = {
     # None: loops.CPU_MICROBATCH_SIZE on CPU, where small micro-batches keep activations in cache;
     # the whole batch on GPU/TPU. Eval batches use the largest size up to it that divides them.
     'microbatch_size': None,
+    # DeiT's hard-label distillation: keys DISTILLATION_DEFAULTS; None: off. Needs a model with a
+    # distillation head (model.name 'deit').
+    'distillation': None,
+}
+DISTILLATION_DEFAULTS = {
+    'teacher_workdir': REQUIRED,  # A vit_flax run directory (any trained model on the same data).
+    'teacher_checkpoint': 'best',  # best | last | a step number.
 }
 # Optimizer -> its optimizer_configs keys with defaults. 'adam' with weight_decay is AdamW, as in
 # scenic: decoupled decay scaled by the learning rate, on every parameter unless
@@ -83,6 +90,8 @@ MODEL_DEFAULTS = {
     'classifier': 'gap', 'representation_size': None, 'dropout_rate': 0.1,
     'attention_dropout_rate': 0.1, 'stochastic_depth': 0.0, 'positional_embedding': 'learned_1d',
     'tokenizer': None,
+    'approximate_gelu': True,  # tanh GELU (scenic, vit_jax, big_vision); False: exact (timm).
+    'pooled_norm': False,  # The final LayerNorm on the pooled vector (timm's fc_norm).
 }
 TOKENIZER_DEFAULTS = {'type': 'patch', 'patches': None}
 # tokenizer keys read when type == 'dynamic' (allowed, and unread, for 'patch', so one config can
@@ -171,7 +180,8 @@ def model_kwargs(model_config: Any) -> dict[str, Any]:
   m = resolve_model(model_config)
   tok = m['tokenizer']
   kw = {k: m[k] for k in ('hidden_size', 'num_layers', 'num_heads', 'mlp_dim', 'classifier',
-                          'representation_size', 'positional_embedding')}
+                          'representation_size', 'positional_embedding', 'approximate_gelu',
+                          'pooled_norm')}
   kw.update(patch_size=tuple(int(s) for s in tok['patches']['size']),
             dropout_rate=float(m['dropout_rate']),
             attention_dropout_rate=float(m['attention_dropout_rate']),
@@ -237,6 +247,9 @@ def resolve(config: ml_collections.ConfigDict, *, num_devices: int | None = None
   else:
     errors.append(f'optimizer must be one of {sorted(OPTIMIZER_DEFAULTS)}, got {c["optimizer"]!r}')
   c['lr_configs'] = _resolve_lr_configs(_as_dict(c['lr_configs']), errors)
+  if c['distillation'] is not None:
+    c['distillation'] = _merge(DISTILLATION_DEFAULTS, _as_dict(c['distillation']),
+                               'distillation.', errors)
   c['model'] = resolve_model(c['model'], errors)
   for key in ('eval_batch_size',):
     c[key] = c[key] or c['batch_size']
@@ -316,6 +329,11 @@ def _check_values(c: dict[str, Any], num_devices: int | None, errors: list[str])
                   f'{c["model_dtype_str"]!r}')
   if c['loss'] not in ('softmax', 'sigmoid'):
     errors.append(f"loss must be 'softmax' or 'sigmoid', got {c['loss']!r}")
+  teacher = (c['distillation'] or {}).get('teacher_workdir')
+  if c['distillation'] is not None and not (
+      isinstance(teacher, str) and os.path.isfile(os.path.join(teacher, 'config.json'))):
+    errors.append(f'distillation.teacher_workdir={teacher!r} is not a vit_flax run directory '
+                  '(it has no config.json)')
   if errors:  # The model check below needs well-formed sizes.
     return
   info = input_pipeline.DATASETS.get(c['dataset_name'].split(':')[0])

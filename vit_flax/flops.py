@@ -100,9 +100,10 @@ def train_flops_per_image(config: ml_collections.ConfigDict, model, image_shape:
   Traced and lowered, not compiled. The step is counted unsplit: XLA's cost analysis counts a
   loop body once, so micro-batching would hide all but one micro-batch.
   """
+  key = jax.random.key(0)
   state = jax.eval_shape(lambda: steps.create_train_state(
-      jax.random.key(0), config, model, (1, *image_shape), 1))
-  step_fn = functools.partial(steps.train_step, loss=config.loss,
+      key, config, model, (1, *image_shape), 1))
+  step_fn = functools.partial(steps.train_step, num_classes=model.num_classes, loss=config.loss,
                               label_smoothing=config.label_smoothing)
   batch = {'inputs': jax.ShapeDtypeStruct((config.batch_size, *image_shape), jnp.float32),
            'label': jax.ShapeDtypeStruct((config.batch_size,), jnp.int32)}

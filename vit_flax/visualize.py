@@ -221,7 +221,7 @@ def write_plots(workdir: str, *, num_images: int = 8, split: str = 'test',
   Returns:
     The paths of the PNGs written.
   """
-  config, params, step = rundir.load_run(workdir)
+  config, params, step, _ = rundir.load_run(workdir)
   plots_dir = os.path.join(workdir, 'plots')
   os.makedirs(plots_dir, exist_ok=True)
   written = []

@@ -13,14 +13,14 @@ from there on). Differences from scenic, all deliberate:
 """
 
 import functools
-from typing import Any
+from typing import Any, Callable
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from vit_flax.layers import AddPositionEmbs, Dtype, Encoder1DBlock, posemb_sincos_2d
+from vit_flax.layers import AddPositionEmbs, Dtype, Encoder1DBlock, PatchEmbedding, posemb_sincos_2d
 from vit_flax.tokenlearner import TokenFuser, TokenLearnerModule, TokenLearnerModuleV11
 
 CLASSIFIERS = ('gap', 'gmp', 'gsp', 'token')
@@ -53,14 +53,23 @@ def decode_variant(variant: str) -> dict[str, Any]:
   return out
 
 
+def token_learner(num_tokens: int, use_v11: bool = True, dropout_rate: float = 0.0,
+                  dtype: Dtype = jnp.float32) -> Callable[..., nn.Module]:
+  """A factory of the learner the Encoder uses: V1.1 (with `dropout_rate`) or V1 with S tokens."""
+  if use_v11:
+    return functools.partial(TokenLearnerModuleV11, num_tokens, dropout_rate=dropout_rate,
+                             dtype=dtype)
+  return functools.partial(TokenLearnerModule, num_tokens, dtype=dtype)
+
+
 class Encoder(nn.Module):
-  """Scenic's `Transformer` encoder `[B, c + T*N, D]` -> `[B, c + T*K, D]` (c = 1 with a CLS token).
+  """Scenic's `Transformer` encoder `[B, c + T*N, D]` -> `[B, c + T*K, D]` (c prefix tokens).
 
   posemb -> dropout -> blocks -> `encoder_norm`. With `tokenlearner_loc = k` and no fuser, the
   learner runs once before block k and blocks k.. see K = S tokens per frame. With `use_tokenfuse`,
   every block i >= k runs as learner -> block -> fuser + residual, so K = N. The position embedding
   is added once, before any learner. Learners and fusers work per frame
-  ([B, T*N, D] <-> [B*T, N, D]); the CLS token bypasses them.
+  ([B, T*N, D] <-> [B*T, N, D]); the c prefix tokens (CLS, DeiT's distillation token) bypass them.
   """
   num_layers: int
   mlp_dim: int
@@ -70,17 +79,26 @@ class Encoder(nn.Module):
   stochastic_depth: float = 0.0
   positional_embedding: str = 'learned_1d'
   has_cls_token: bool = False
+  num_prefix_tokens: int | None = None  # c; None: 1 with has_cls_token, else 0.
   tokenlearner_loc: int | None = None  # None: no TokenLearner.
   num_tokens: int = 8
   use_v11: bool = True
   use_tokenfuse: bool = False
   temporal_dimensions: int = 1  # T frames, each an [h, w] grid (1 for images).
+  approximate_gelu: bool = True  # tanh GELU in the blocks' MLPs (scenic); False: exact (timm).
+  final_norm: bool = True  # End with `encoder_norm` (False: the caller normalises, e.g. fc_norm).
+  layerscale_init: float | None = None  # LayerScale in every block (CaiT); None: none.
+  talking_heads: bool = False  # Talking-heads attention in every block (CaiT).
+  # False: block i drops with rate i / (L - 1) * stochastic_depth (scenic); True: every block
+  # with the full rate (CaiT's and XCiT's rule).
+  uniform_stochastic_depth: bool = False
   dtype: Dtype = jnp.float32
 
   @nn.compact
   def __call__(self, x: jax.Array, *, grid_hw: tuple[int, int], train: bool = False) -> jax.Array:
     b, _, d = x.shape
-    c, t, (h, w) = int(self.has_cls_token), self.temporal_dimensions, grid_hw
+    c = int(self.has_cls_token) if self.num_prefix_tokens is None else self.num_prefix_tokens
+    t, (h, w) = self.temporal_dimensions, grid_hw
     if x.shape[1] != c + t * h * w:
       raise ValueError(f'Encoder got {x.shape[1]} tokens, expected {c} + {t} * {h} * {w}.')
     loc = self.tokenlearner_loc
@@ -105,16 +123,14 @@ class Encoder(nn.Module):
       raise ValueError(f'Unknown positional_embedding {self.positional_embedding!r}.')
     x = nn.Dropout(self.dropout_rate)(x, deterministic=not train)
 
-    if self.use_v11:
-      learner = functools.partial(TokenLearnerModuleV11, self.num_tokens,
-                                  dropout_rate=self.dropout_rate, dtype=self.dtype)
-    else:
-      learner = functools.partial(TokenLearnerModule, self.num_tokens, dtype=self.dtype)
+    learner = token_learner(self.num_tokens, self.use_v11, self.dropout_rate, self.dtype)
     for i in range(self.num_layers):
+      depth_rate = 1.0 if self.uniform_stochastic_depth else i / max(self.num_layers - 1, 1)
       block = Encoder1DBlock(
           self.mlp_dim, self.num_heads, self.dropout_rate, self.attention_dropout_rate,
-          stochastic_depth=i / max(self.num_layers - 1, 1) * self.stochastic_depth,
-          dtype=self.dtype, name=f'encoderblock_{i}')
+          stochastic_depth=depth_rate * self.stochastic_depth, dtype=self.dtype,
+          approximate_gelu=self.approximate_gelu, layerscale_init=self.layerscale_init,
+          talking_heads=self.talking_heads, name=f'encoderblock_{i}')
       if loc is None or i < loc or (i > loc and not self.use_tokenfuse):
         x = block(x, train=train)
         continue
@@ -126,7 +142,7 @@ class Encoder(nn.Module):
         fused = TokenFuser(dropout_rate=self.dropout_rate, dtype=self.dtype)(
             learned, frames, train=train)  # [B*T, h*w, D]
         x = join(cls, fused + frames)  # [B, c + T*h*w, D]
-    return nn.LayerNorm(dtype=self.dtype, name='encoder_norm')(x)
+    return nn.LayerNorm(dtype=self.dtype, name='encoder_norm')(x) if self.final_norm else x
 
 
 class ViT(nn.Module):
@@ -157,6 +173,8 @@ class ViT(nn.Module):
   num_tokens: int = 8  # S, tokens learned per frame.
   use_v11: bool = True  # TokenLearnerModuleV11 (else V1 TokenLearnerModule).
   use_tokenfuse: bool = False
+  approximate_gelu: bool = True  # tanh GELU (scenic, vit_jax, big_vision); False: exact (timm).
+  pooled_norm: bool = False  # LayerNorm `fc_norm` on the pooled vector (timm) instead of tokens.
   dtype: Dtype = jnp.float32  # Compute dtype; parameters stay float32.
 
   @nn.compact
@@ -169,8 +187,8 @@ class ViT(nn.Module):
       if kernel is not None and kernel.shape[2] != images.shape[3]:
         raise ValueError(f'Images have {images.shape[3]} channels but the `embedding` kernel '
                          f'expects {kernel.shape[2]}.')
-    x = nn.Conv(self.hidden_size, self.patch_size, strides=self.patch_size, padding='VALID',
-                dtype=self.dtype, name='embedding')(images)  # [B, h, w, D]
+    x = PatchEmbedding(self.hidden_size, self.patch_size, self.dtype,
+                       name='embedding')(images)  # [B, h, w, D]
     b, h, w, d = x.shape
     x = x.reshape(b, h * w, d)  # [B, h*w, D]
     if self.classifier == 'token':
@@ -181,11 +199,14 @@ class ViT(nn.Module):
         self.attention_dropout_rate, self.stochastic_depth, self.positional_embedding,
         has_cls_token=self.classifier == 'token', tokenlearner_loc=self.tokenlearner_loc,
         num_tokens=self.num_tokens, use_v11=self.use_v11, use_tokenfuse=self.use_tokenfuse,
+        approximate_gelu=self.approximate_gelu, final_norm=not self.pooled_norm,
         dtype=self.dtype, name='Transformer')(x, grid_hw=(h, w), train=train)  # [B, K, D]
     if self.classifier == 'token':
       x = x[:, 0]  # [B, D]
     else:
       x = {'gap': jnp.mean, 'gmp': jnp.max, 'gsp': jnp.sum}[self.classifier](x, axis=1)  # [B, D]
+    if self.pooled_norm:
+      x = nn.LayerNorm(dtype=self.dtype, name='fc_norm')(x)  # [B, D]
     if self.representation_size is not None:
       x = jnp.tanh(nn.Dense(self.representation_size, dtype=self.dtype, name='pre_logits')(x))
     return nn.Dense(self.num_classes, dtype=self.dtype, kernel_init=nn.initializers.zeros,
