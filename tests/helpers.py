@@ -26,8 +26,8 @@ CONFIG_DIR = pathlib.Path(__file__).resolve().parents[1] / 'configs'
 
 def tiny_config():
   """configs/tiny.py's config, loaded by path as config_flags does (not yet resolved)."""
-  from vit_flax import config as config_lib  # pylint: disable=g-import-not-at-top
-  return config_lib.load_config_file(CONFIG_DIR / 'tiny.py')
+  from vit_flax import config_files  # pylint: disable=g-import-not-at-top
+  return config_files.load_config_file(CONFIG_DIR / 'tiny.py')
 
 
 def layer_norm(x, p, eps=1e-6):

@@ -13,6 +13,7 @@ import pytest
 
 from helpers import CONFIG_DIR
 from vit_flax import config as config_lib
+from vit_flax import config_files
 from vit_flax import input_pipeline
 from vit_flax import optim
 
@@ -22,7 +23,7 @@ PAIRS = [n[:-3] for n in CONFIGS if n.endswith('_tl') and n[:-3] + '_vit' in CON
 
 def load(name: str) -> ml_collections.ConfigDict:
   """configs/NAME.py's config, loaded by path as config_flags does."""
-  return config_lib.load_config_file(CONFIG_DIR / f'{name}.py')
+  return config_files.load_config_file(CONFIG_DIR / f'{name}.py')
 
 
 def test_expected_configs_exist():
@@ -152,11 +153,11 @@ def test_command_line_errors_are_one_line(tmp_path, monkeypatch):
   ]
   for argv, message in cases:
     with pytest.raises(config_lib.ConfigError) as info:
-      config_lib.check_command_line(argv)
+      config_files.check_command_line(argv)
     assert message in str(info.value) and '\n' not in str(info.value)
   monkeypatch.chdir(tmp_path)  # A shipped config by name, from any directory.
   argv = ['p', '--config=configs/tiny.py', '--config.model.hidden_size=32']
-  out = config_lib.check_command_line(argv)
+  out = config_files.check_command_line(argv)
   assert out[1] == f'--config={CONFIG_DIR / "tiny.py"}' and out[2] == argv[2]
 
 

@@ -18,6 +18,7 @@ import pytest
 
 from helpers import tiny_config
 from vit_flax import augment
+from vit_flax import checkpoints
 from vit_flax import config as config_lib
 from vit_flax import loops
 from vit_flax import optim
@@ -247,7 +248,7 @@ def test_end_to_end_writes_everything(tiny_run):
   assert 0.0 <= best['test_accuracy'] <= 1.0
   assert [t['accuracy'] for t in summary['time_to_accuracy']] == list(
       config_lib.DEFAULTS['accuracy_thresholds'])
-  loaded = rundir.load_run(workdir)
+  loaded = checkpoints.load_run(workdir)
   assert loaded.step == 40 and loaded.config.model.hidden_size == 16
   assert loaded.params['output_projection']['kernel'].shape == (16, 10)
   assert loaded.batch_stats is None
@@ -266,7 +267,7 @@ class _Stop(Exception):
 
 
 def test_stopped_then_resumed_equals_uninterrupted(tiny_run, tmp_path, monkeypatch):
-  save = rundir.save
+  save = checkpoints.save
 
   def save_then_stop(manager, step, *args, **kwargs):
     save(manager, step, *args, **kwargs)
@@ -280,8 +281,8 @@ def test_stopped_then_resumed_equals_uninterrupted(tiny_run, tmp_path, monkeypat
   summary = train.train_and_evaluate(tiny_config(), str(tmp_path))
 
   reference_dir, reference = tiny_run
-  _, params, step, _ = rundir.load_run(str(tmp_path))
-  _, reference_params, _, _ = rundir.load_run(reference_dir)
+  _, params, step, _ = checkpoints.load_run(str(tmp_path))
+  _, reference_params, _, _ = checkpoints.load_run(reference_dir)
   assert step == 40
   jax.tree.map(np.testing.assert_array_equal, params, reference_params)
   strip = lambda rs: [{k: v for k, v in r.items() if 'wall_time' not in k and 'per_s' not in k}
@@ -308,7 +309,7 @@ def test_sigterm_saves_then_resume_equals_uninterrupted(tiny_run, tmp_path, monk
   monkeypatch.setattr(train, '_log_train', log_train)
   summary = train.train_and_evaluate(tiny_config(), str(tmp_path))
   reference_dir, reference = tiny_run
-  params, reference_params = rundir.load_run(str(tmp_path)).params, rundir.load_run(
+  params, reference_params = checkpoints.load_run(str(tmp_path)).params, checkpoints.load_run(
       reference_dir).params
   jax.tree.map(np.testing.assert_array_equal, params, reference_params)
   assert summary['test_loss'] == reference['test_loss']
@@ -329,7 +330,7 @@ def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path, monkeypa
                      match=r'Non-finite training loss at step 16.*last good checkpoint is step 10'):
     train.train_and_evaluate(tiny_config(), str(tmp_path))
   assert sorted(os.listdir(tmp_path / 'checkpoints')) == ['10']
-  params = rundir.load_run(str(tmp_path)).params
+  params = checkpoints.load_run(str(tmp_path)).params
   assert all(np.isfinite(p).all() for p in jax.tree.leaves(params))
   assert not (tmp_path / 'summary.json').exists()
 
@@ -409,7 +410,7 @@ def test_damaged_latest_checkpoint_is_moved_aside_and_the_older_one_used(tiny_ru
 
 def test_no_readable_checkpoint_is_a_one_line_error(tiny_run, tmp_path):
   workdir = _damaged_copy(tiny_run[0], tmp_path, steps=('30', '40'))
-  with pytest.raises(rundir.CheckpointError,
+  with pytest.raises(checkpoints.CheckpointError,
                      match=r'No readable checkpoint in .*: tried steps 40 \(moved to .*\), 30'):
     train.train_and_evaluate(tiny_config(), str(workdir))
 

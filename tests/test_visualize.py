@@ -12,6 +12,7 @@ import pytest
 
 import helpers
 from vit_flax import analysis
+from vit_flax import checkpoints
 from vit_flax import config as config_lib
 from vit_flax import rundir
 from vit_flax import visualize
@@ -307,7 +308,7 @@ def test_write_plots_other_model(tmp_path, monkeypatch):
   config = config_lib.resolve(config)
   params = _random_params(config_lib.build_model(config.model, 10),
                           np.zeros((1, 28, 28, 1), np.float32))
-  monkeypatch.setattr(rundir, 'load_run', lambda workdir: rundir.Run(config, params, 0, None))
+  monkeypatch.setattr(rundir, 'load_run', lambda workdir: checkpoints.Run(config, params, 0, None))
   paths = visualize.write_plots(str(tmp_path), num_images=2)
   names = {p.rsplit('/', 1)[-1] for p in paths}
   assert names == {'attention_rollout.png', 'patch_embedding_filters.png', 'token_maps.png',

@@ -45,6 +45,7 @@ from ml_collections import config_flags
 import numpy as np
 
 from vit_flax import config as config_lib
+from vit_flax import config_files
 from vit_flax import flops
 from vit_flax import input_pipeline
 from vit_flax import loops
@@ -67,7 +68,7 @@ TORCH_SCRIPT = pathlib.Path(__file__).resolve().parent.parent / 'benchmarks' / '
 def preset_config(name: str) -> tuple[ml_collections.ConfigDict, tuple[int, int, int], int]:
   """(config, image_shape, num_classes) for a preset: a repo config with the preset's model."""
   p = PRESETS[name]
-  config = config_lib.load_config_file(p['config'])
+  config = config_files.load_config_file(p['config'])
   config.dataset_name = p['dataset']
   m = config.model
   m.hidden_size, m.num_layers = p['hidden_size'], p['num_layers']
@@ -403,7 +404,7 @@ def main(argv):
 if __name__ == '__main__':
   _define_flags()
   try:
-    _argv = config_lib.check_command_line(sys.argv)
+    _argv = config_files.check_command_line(sys.argv)
   except config_lib.ConfigError as e:
     sys.exit(f'Error: {e}')  # One line on stderr, exit status 1.
   app.run(main, argv=_argv)

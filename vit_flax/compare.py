@@ -38,6 +38,7 @@ from ml_collections import config_flags
 
 from vit_flax import benchmark
 from vit_flax import config as config_lib
+from vit_flax import config_files
 from vit_flax import flops
 from vit_flax import loops
 from vit_flax import rundir
@@ -362,7 +363,7 @@ def main(argv):
 if __name__ == '__main__':
   _define_flags()
   try:
-    _argv = config_lib.check_command_line(sys.argv)
+    _argv = config_files.check_command_line(sys.argv)
   except config_lib.ConfigError as e:
     sys.exit(f'Error: {e}')  # One line on stderr, exit status 1.
   app.run(main, argv=_argv)

@@ -3,23 +3,25 @@
 A config is an `ml_collections.ConfigDict` in scenic's schema (see `DEFAULTS`). `resolve(config)`
 fills every default, checks every key and value in one pass (the dataset's image shape and class
 count come from `input_pipeline.DATASETS`, so nothing is loaded), and returns a locked copy that the
-trainer and the tools read as plain `config.x`. `build_model(config.model, num_classes)` maps the
-model section onto `vit.ViT`'s fields.
+trainer and the tools read as plain `config.x`. `build_model(config.model, num_classes)` builds
+the model of `config.model.name` (a key of `models.MODELS`; 'vit' maps scenic's schema onto
+`vit.ViT`'s fields, the other families take their fields as they are).
 """
 
 import copy
 import difflib
-import importlib.util
 import math
 import os
-import pathlib
 from collections.abc import Mapping
 from typing import Any
 
+import flax.linen as nn
+import jax
 import jax.numpy as jnp
 import ml_collections
 
 from vit_flax import input_pipeline
+from vit_flax import models
 from vit_flax import vit
 
 REQUIRED = '<required>'  # Marks a key without a default.
@@ -85,6 +87,7 @@ LR_FACTOR_KEYS = {
 }
 # config.model keys with scenic's defaults (sizes come from `variant` or are required).
 MODEL_DEFAULTS = {
+    'name': 'vit',  # A key of models.MODELS; the others have a flat schema (models.field_defaults).
     'variant': None,  # e.g. 'B/16': fills the four sizes and the patch size; explicit keys win.
     'hidden_size': None, 'num_layers': None, 'num_heads': None, 'mlp_dim': None,
     'classifier': 'gap', 'representation_size': None, 'dropout_rate': 0.1,
@@ -140,7 +143,13 @@ def resolve_model(model_config: Any, errors: list[str] | None = None) -> dict[st
   """
   own = errors is None
   errors = [] if own else errors
-  model = _merge(MODEL_DEFAULTS, _as_dict(model_config), 'model.', errors)
+  given = _as_dict(model_config)
+  if given.get('name', 'vit') != 'vit':
+    model = _resolve_family(given, errors)
+    if own and errors:
+      raise ConfigError('Invalid model config: ' + '; '.join(errors) + '.')
+    return model
+  model = _merge(MODEL_DEFAULTS, given, 'model.', errors)
   tokenizer = _as_dict(model['tokenizer'])
   tok_type = tokenizer.get('type', 'patch')
   tokenizer = _merge(dict(TOKENIZER_DEFAULTS, **LEARNER_DEFAULTS), tokenizer, 'model.tokenizer.',
@@ -175,9 +184,22 @@ def resolve_model(model_config: Any, errors: list[str] | None = None) -> dict[st
   return model
 
 
+def _resolve_family(given: dict[str, Any], errors: list[str]) -> dict[str, Any]:
+  """A flat `config.model` of a family other than 'vit': its class's fields, defaults filled."""
+  name = given['name']
+  if name not in models.MODELS:
+    errors.append(f'model.name must be one of {sorted(models.MODELS)}, got {name!r}')
+    return given
+  model = _merge({'name': name, **models.field_defaults(name)}, given, 'model.', errors)
+  return {k: tuple(v) if isinstance(v, list) else v for k, v in model.items()}
+
+
 def model_kwargs(model_config: Any) -> dict[str, Any]:
-  """`vit.ViT` fields (all but num_classes and dtype) for scenic's `config.model` schema."""
+  """The model class's fields (all but num_classes and dtype) for `config.model`: scenic's
+  schema mapped onto `vit.ViT`, or a family's flat fields as they are."""
   m = resolve_model(model_config)
+  if m['name'] != 'vit':
+    return {k: v for k, v in m.items() if k != 'name'}
   tok = m['tokenizer']
   kw = {k: m[k] for k in ('hidden_size', 'num_layers', 'num_heads', 'mlp_dim', 'classifier',
                           'representation_size', 'positional_embedding', 'approximate_gelu',
@@ -192,29 +214,60 @@ def model_kwargs(model_config: Any) -> dict[str, Any]:
   return kw
 
 
-def build_model(model_config: Any, num_classes: int, *, dtype: Any = jnp.float32) -> vit.ViT:
-  """The `vit.ViT` described by scenic's `config.model` schema (defaults as in MODEL_DEFAULTS).
+def build_model(model_config: Any, num_classes: int, *, dtype: Any = jnp.float32) -> nn.Module:
+  """The model `config.model` describes: `models.MODELS[model.name]` (default 'vit', scenic's
+  schema with the defaults of MODEL_DEFAULTS; the other families take their fields flat).
 
   `dtype` (e.g. jnp.bfloat16 or 'bfloat16') is the compute dtype; parameters stay float32.
   Raises ConfigError for a config that cannot be built.
   """
-  model = vit.ViT(num_classes=num_classes, dtype=jnp.dtype(dtype), **model_kwargs(model_config))
+  name = resolve_model(model_config)['name']
   try:
-    vit.check_vit(model)
-  except ValueError as e:
-    raise ConfigError(str(e)) from None
+    model = models.MODELS[name](num_classes=num_classes, dtype=jnp.dtype(dtype),
+                                **model_kwargs(model_config))
+    if name == 'vit':
+      vit.check_vit(model)
+  except (TypeError, ValueError) as e:
+    raise ConfigError(str(e).splitlines()[0]) from None
   return model
+
+
+def check_model(model_config: Any, num_classes: int, image_shape: tuple[int, ...] | None
+                ) -> None:
+  """Raises ValueError (one line) for a model that cannot run on images of `image_shape`.
+
+  A ViT is checked from its fields; another family is traced (`jax.eval_shape`, nothing is
+  compiled), so its own size checks run.
+  """
+  model = build_model(model_config, num_classes)
+  if isinstance(model, vit.ViT):
+    vit.check_vit(model, image_shape)
+  elif image_shape is not None:
+    key = jax.random.key(0)
+    jax.eval_shape(lambda: model.init(key, jnp.zeros((1, *image_shape)), train=False))
 
 
 def with_tokenlearner(config: ml_collections.ConfigDict, enabled: bool, *,
                       num_tokens: int | None = None,
                       tokenlearner_loc: int | None = None) -> ml_collections.ConfigDict:
-  """A copy of `config` whose model is 'dynamic' (TokenLearner) or 'patch' (plain ViT).
+  """A copy of `config` whose model has its TokenLearner (ViT: tokenizer 'dynamic') or not
+  ('patch'); for the other families, `tokenlearner_loc` set or None.
 
   Nothing else changes: a 'patch' model keeps (and ignores) the learner's tokenizer keys.
   """
   config = copy.deepcopy(config)  # Keeps placeholders, so CLI overrides still type-check.
   with config.unlocked():
+    if config.model.get('name', 'vit') != 'vit':
+      if 'tokenlearner_loc' not in models.field_defaults(config.model.name):
+        raise ConfigError(f'model.name {config.model.name!r} has no TokenLearner option.')
+      loc = tokenlearner_loc if tokenlearner_loc is not None else config.model.get(
+          'tokenlearner_loc')
+      if enabled and loc is None:
+        raise ConfigError('model.tokenlearner_loc is needed to add a TokenLearner.')
+      config.model.tokenlearner_loc = loc if enabled else None
+      if num_tokens is not None:
+        config.model.num_tokens = num_tokens
+      return config
     tokenizer = config.model.tokenizer
     tokenizer.type = 'dynamic' if enabled else 'patch'
     if num_tokens is not None:
@@ -339,10 +392,12 @@ def _check_values(c: dict[str, Any], num_devices: int | None, errors: list[str])
   info = input_pipeline.DATASETS.get(c['dataset_name'].split(':')[0])
   image_shape = input_pipeline.image_shape(c['dataset_name'], c['dataset_configs'])
   try:
-    model = vit.ViT(num_classes=info.num_classes if info else 1, **model_kwargs(c['model']))
-    vit.check_vit(model, image_shape)
+    check_model(c['model'], info.num_classes if info else 1, image_shape)
   except (ValueError, TypeError) as e:  # TypeError: a size given as a string, say.
-    errors.append(f'model: {e}'.rstrip('.'))
+    errors.append(f'model: {str(e).splitlines()[0]}'.rstrip('.'))
+  if c['distillation'] is not None and c['model']['name'] != 'deit':
+    errors.append(f"distillation needs a model with a distillation head (model.name 'deit'), "
+                  f"got {c['model']['name']!r}")
 
 
 def _is_number(value: Any) -> bool:
@@ -377,71 +432,3 @@ def num_train_steps(config: ml_collections.ConfigDict, num_train: int) -> int:
   if config.num_training_steps is not None:
     return int(config.num_training_steps)
   return int(config.num_training_epochs * (num_train // config.batch_size))
-
-
-def load_config_file(path: str | os.PathLike, arg: str | None = None
-                     ) -> ml_collections.ConfigDict:
-  """Runs a config file's `get_config([arg])`; `path` may name a shipped config (see config_path)."""
-  path = config_path(str(path))
-  spec = importlib.util.spec_from_file_location(f'_vit_flax_config_{path.stem}', path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config(arg) if arg is not None else module.get_config()
-
-
-def config_path(path: str) -> pathlib.Path:
-  """`path` if it exists, else the shipped config of that file name (vit_flax/configs/NAME.py).
-
-  So `--config=configs/mnist_tl.py` works from a checkout and from an installed wheel alike.
-  """
-  if os.path.exists(path):
-    return pathlib.Path(path)
-  spec = importlib.util.find_spec('vit_flax.configs')
-  if spec is not None and spec.submodule_search_locations:
-    shipped = pathlib.Path(list(spec.submodule_search_locations)[0]) / os.path.basename(path)
-    if shipped.exists():
-      return shipped
-  return pathlib.Path(path)
-
-
-def check_command_line(argv: list[str], flag: str = 'config') -> list[str]:
-  """Checks `--config=PATH[:ARG]` and its `--config.x.y=...` overrides before flags are parsed.
-
-  Returns `argv` with a PATH that does not exist pointed at the shipped config of that name.
-  Raises ConfigError (one line) for a missing or broken config file or an override of a key the
-  config lacks, naming the closest key; config_flags would raise a long traceback instead.
-  """
-  out, config, path = [], None, None
-  for arg in argv:
-    if arg.startswith(f'--{flag}='):
-      path, sep, rest = arg[len(f'--{flag}='):].partition(':')
-      path = str(config_path(path))
-      if not os.path.isfile(path):
-        raise ConfigError(f'Config file {path} not found.')
-      try:
-        config = load_config_file(path, rest if sep else None)
-      except Exception as e:  # pylint: disable=broad-except  (a user's file can raise anything)
-        first = (str(e).strip().splitlines() or [''])[0][:200]
-        raise ConfigError(f'Config file {path} failed to load: {type(e).__name__}: {first}'
-                          ) from None
-      arg = f'--{flag}={path}{sep}{rest}'
-    out.append(arg)
-  if config is not None:
-    for arg in argv:
-      if arg.startswith(f'--{flag}.'):
-        _check_override(config, arg[len(f'--{flag}.'):].split('=')[0], flag)
-  return out
-
-
-def _check_override(config: ml_collections.ConfigDict, dotted: str, flag: str) -> None:
-  """Raises ConfigError unless `dotted` (e.g. 'model.hidden_size') names a key of `config`."""
-  node, done = config, []
-  for key in dotted.split('.'):
-    keys = list(node.keys()) if isinstance(node, ml_collections.ConfigDict) else []
-    if key not in keys:
-      close = difflib.get_close_matches(key, keys, n=1)
-      prefix = '.'.join([flag, *done])
-      hint = f' (did you mean --{prefix}.{close[0]}?)' if close else (
-          f' ({prefix} has no such key)' if keys else f' ({prefix} is not a section)')
-      raise ConfigError(f'Unknown override --{flag}.{dotted}{hint}.')
-    node, done = node[key], [*done, key]

@@ -16,7 +16,9 @@ from absl import flags
 from absl import logging
 from ml_collections import config_flags
 
+from vit_flax import checkpoints
 from vit_flax import config as config_lib
+from vit_flax import config_files
 
 _CONFIG = config_flags.DEFINE_config_file(
     'config', None, 'Training config file, e.g. configs/mnist_tl.py.', lock_config=True)
@@ -52,8 +54,8 @@ def main(argv: list[str]) -> None:
     train.train_and_evaluate(_CONFIG.value, _WORKDIR.value or os.path.join('runs', name))
   except config_lib.ConfigError as e:
     raise app.UsageError(str(e)) from None
-  except (OSError, rundir.WorkdirBusyError, rundir.CheckpointMismatchError,
-          rundir.CheckpointError, train.TrainingDivergedError) as e:
+  except (OSError, rundir.WorkdirBusyError, checkpoints.CheckpointMismatchError,
+          checkpoints.CheckpointError, train.TrainingDivergedError) as e:
     sys.exit(f'Error: {e}')  # One line on stderr, exit status 1.
   except train.TrainingStopped as e:
     print(e)  # One line: where the run stopped and how to resume.
@@ -62,7 +64,7 @@ def main(argv: list[str]) -> None:
 def run() -> None:
   """The command: checks --config and its overrides (one-line errors), then runs `main`."""
   try:
-    argv = config_lib.check_command_line(sys.argv)
+    argv = config_files.check_command_line(sys.argv)
   except config_lib.ConfigError as e:
     sys.exit(f'Error: {e}')  # One line on stderr, exit status 1.
   app.run(main, argv=argv)

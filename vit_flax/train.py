@@ -21,6 +21,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 import ml_collections
 import numpy as np
 
+from vit_flax import checkpoints
 from vit_flax import config as config_lib
 from vit_flax import flops
 from vit_flax import input_pipeline
@@ -76,7 +77,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     config.ConfigError: a bad config (before any data is loaded or anything compiles).
     OSError: a workdir that cannot hold the run (before any data is loaded).
     rundir.WorkdirBusyError: another process is training in the workdir.
-    rundir.CheckpointMismatchError: the workdir's checkpoints belong to another model.
+    checkpoints.CheckpointMismatchError: the workdir's checkpoints belong to another model.
     TrainingDivergedError: a non-finite loss or parameters (the last good checkpoint is kept).
     TrainingStopped: a stop signal (after saving a checkpoint at the step reached).
   """
@@ -97,7 +98,7 @@ def _checkpoint_bytes(config: ml_collections.ConfigDict) -> int:
   key = jax.random.key(0)
   abstract = jax.eval_shape(lambda: model.init(key, jnp.zeros((1, *shape)), train=False))
   num_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(abstract['params']))
-  return rundir.checkpoint_bytes(num_params, ema=bool(config.ema_decay), optimizer=config.optimizer)
+  return checkpoints.checkpoint_bytes(num_params, ema=bool(config.ema_decay), optimizer=config.optimizer)
 
 
 @contextlib.contextmanager
@@ -131,8 +132,8 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict
   if multihost.is_primary():
     rundir.write_config(config, workdir)
   summary_path = os.path.join(workdir, 'summary.json')
-  manager = rundir.make_manager(workdir, config.max_checkpoint_keep) if config.checkpoint else None
-  best_manager = rundir.make_best_manager(workdir) if config.checkpoint else None
+  manager = checkpoints.make_manager(workdir, config.max_checkpoint_keep) if config.checkpoint else None
+  best_manager = checkpoints.make_best_manager(workdir) if config.checkpoint else None
   run = None
   try:
     if manager and manager.latest_step() == total_steps and os.path.exists(summary_path):
@@ -177,7 +178,7 @@ def _setup(config: ml_collections.ConfigDict, workdir: str, ds: input_pipeline.D
 
   start_step, wall_offset, segments = 0, 0.0, []
   period = dict.fromkeys((*loops.TRAIN_SUMS, 'steps', 'seconds'), 0.0)
-  restored = rundir.restore_latest(manager, state, rng) if manager else None
+  restored = checkpoints.restore_latest(manager, state, rng) if manager else None
   if restored is not None:
     state, rng, meta = restored
     _check_same_model(config, meta, workdir)
@@ -208,7 +209,7 @@ def _teacher(config: ml_collections.ConfigDict, ds: input_pipeline.Dataset
   """(apply_fn, variables) of `config.distillation`'s teacher run, or None."""
   if config.distillation is None:
     return None
-  teacher = rundir.load_run(config.distillation.teacher_workdir,
+  teacher = checkpoints.load_run(config.distillation.teacher_workdir,
                             config.distillation.teacher_checkpoint)
   model = config_lib.build_model(teacher.config.model, ds.num_classes)
   variables = {'params': teacher.params}
@@ -223,9 +224,9 @@ def _check_same_model(config: ml_collections.ConfigDict, meta: dict[str, Any],
                       workdir: str) -> None:
   """Raises CheckpointMismatchError when the checkpoint was trained with another model config."""
   saved = meta.get('model')
-  current = rundir.model_meta(config)['model']
+  current = checkpoints.model_meta(config)['model']
   if saved is not None and saved != current:
-    raise rundir.CheckpointMismatchError(
+    raise checkpoints.CheckpointMismatchError(
         f'The checkpoints in {workdir} were trained with another model config (changed: '
         f'{", ".join(rundir.changed_keys(saved, current))}): resume with the config the run '
         'started with, or use another workdir.')
@@ -281,8 +282,8 @@ def _train_loop(run: _Run) -> tuple[int, list[tuple[int, float]]]:
         if not _all_finite(run.state.params):  # Never save (or call good) exploded parameters.
           _diverged(run, step, float(lr_fn(step - 1)), what='parameters')
         meta = {'wall_time_s': run.wall_time(), 'period': period, 'segments': run.segments,
-                **rundir.model_meta(c)}
-        rundir.save(run.manager, step, run.state, run.rng, meta,
+                **checkpoints.model_meta(c)}
+        checkpoints.save(run.manager, step, run.state, run.rng, meta,
                     wait=stopping or step == run.total_steps)
       if stopping:
         where = f'saved a checkpoint at step {step}' if run.manager else 'checkpoints are off'
@@ -354,9 +355,9 @@ def _offer_best(run: _Run, step: int, valid: dict[str, float]) -> None:
   use_ema = valid.get('valid_ema_accuracy', -1.0) > valid['valid_accuracy']
   accuracy = valid['valid_ema_accuracy'] if use_ema else valid['valid_accuracy']
   params = run.state.ema_params if use_ema else run.state.params
-  rundir.save_best(run.best_manager, step, params,
+  checkpoints.save_best(run.best_manager, step, params,
                    {'valid_accuracy': accuracy, 'params': 'ema' if use_ema else 'raw',
-                    **rundir.model_meta(run.config)}, run.state.batch_stats)
+                    **checkpoints.model_meta(run.config)}, run.state.batch_stats)
 
 
 def _summarise(run: _Run, step: int, chunk_times: list[tuple[int, float]]) -> dict[str, Any]:
@@ -392,7 +393,7 @@ def _summarise(run: _Run, step: int, chunk_times: list[tuple[int, float]]) -> di
 
 def _best_summary(run: _Run, step: int) -> dict[str, Any] | None:
   """The best-validation checkpoint's step, accuracy and test accuracy (None without one)."""
-  restored = rundir.restore_best(run.best_manager, run.state.params,
+  restored = checkpoints.restore_best(run.best_manager, run.state.params,
                                  run.state.batch_stats) if run.best_manager else None
   if restored is None:
     return None

@@ -25,6 +25,7 @@ import numpy as np
 
 from vit_flax import analysis
 from vit_flax import augment
+from vit_flax import checkpoints
 from vit_flax import config as config_lib
 from vit_flax import input_pipeline
 from vit_flax import layers
@@ -221,7 +222,7 @@ def write_plots(workdir: str, *, num_images: int = 8, split: str = 'test',
   Returns:
     The paths of the PNGs written.
   """
-  config, params, step, _ = rundir.load_run(workdir)
+  config, params, step, _ = checkpoints.load_run(workdir)
   plots_dir = os.path.join(workdir, 'plots')
   os.makedirs(plots_dir, exist_ok=True)
   written = []
