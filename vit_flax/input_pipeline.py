@@ -44,14 +44,20 @@ class DatasetInfo(NamedTuple):
   num_classes: int
   mean: tuple[float, ...]  # Per channel, in [0, 1] pixel units.
   std: tuple[float, ...]
+  class_names: tuple[str, ...] | None = None  # None: the label numbers (or TFDS's names).
 
 
+FASHION_MNIST_CLASSES = ('T-shirt/top', 'Trouser', 'Pullover', 'Dress', 'Coat', 'Sandal', 'Shirt',
+                         'Sneaker', 'Bag', 'Ankle boot')
+CIFAR10_CLASSES = ('airplane', 'automobile', 'bird', 'cat', 'deer', 'dog', 'frog', 'horse', 'ship',
+                   'truck')
 # The datasets vit_flax knows by name. Other TFDS datasets work too: their facts come from TFDS's
 # metadata, and their mean/std from their train images.
 DATASETS = {
-    'mnist': DatasetInfo((28, 28, 1), 10, (0.1307,), (0.3081,)),
-    'fashion_mnist': DatasetInfo((28, 28, 1), 10, (0.2860,), (0.3530,)),
-    'cifar10': DatasetInfo((32, 32, 3), 10, (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),
+    'mnist': DatasetInfo((28, 28, 1), 10, (0.1307,), (0.3081,), tuple(map(str, range(10)))),
+    'fashion_mnist': DatasetInfo((28, 28, 1), 10, (0.2860,), (0.3530,), FASHION_MNIST_CLASSES),
+    'cifar10': DatasetInfo((32, 32, 3), 10, (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616),
+                           CIFAR10_CLASSES),
     'cifar100': DatasetInfo((32, 32, 3), 100, (0.5071, 0.4865, 0.4409),
                             (0.2673, 0.2564, 0.2762)),
     'imagenet2012': DatasetInfo(None, 1000, (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),

@@ -29,7 +29,8 @@ def streamed(builder, splits: dict, dc: dict, source: str, image_key: str, label
   if splits['valid'] is None:
     splits = {**splits, 'train': f'train[:-{v}]' if v else 'train',
               'valid': f'train[-{v}:]' if v else None}
-  mean, std = DATASETS.get(name, DATASETS['imagenet2012'])[2:]
+  info = DATASETS.get(name, DATASETS['imagenet2012'])
+  mean, std = info.mean, info.std
   mean255, std255 = tf.constant(mean) * 255.0, tf.constant(std) * 255.0
   decoders = {image_key: tfds.decode.SkipDecoding()}  # Decode only the crop window.
 
