@@ -10,6 +10,7 @@ from helpers import tiny_config
 from vit_flax import benchmark
 from vit_flax import config as config_lib
 from vit_flax import flops
+from vit_flax import models
 
 SHAPE = (32, 32, 3)  # 8 x 8 = 64 patch tokens with 4 x 4 patches.
 
@@ -40,7 +41,7 @@ def _tiny_config(**overrides):
 ], ids=['vit', 'tl_v11', 'tl_v1', 'tl_fuser', 'cls_token_prelogits'])
 def test_xla_flops_match_analytic_count(overrides):
   config = config_lib.resolve(_tiny_config(**overrides))
-  xla = flops.train_flops_per_image(config, config_lib.build_model(config.model, 10), SHAPE)
+  xla = flops.train_flops_per_image(config, models.build_model(config.model, 10), SHAPE)
   analytic = flops.analytic_train_flops(config.model, SHAPE, 10)
   # XLA also counts elementwise work (softmax, LayerNorm, GELU, AdamW) that the formula leaves out.
   assert analytic <= xla <= 1.05 * analytic, (xla, analytic, xla / analytic)
@@ -64,7 +65,7 @@ def test_tokenlearner_reduces_flops_like_the_presets():
   for name, (vit_flops, tl_flops) in expected.items():
     config, shape, num_classes = benchmark.preset_config(name)
     vit = flops.analytic_train_flops(
-        config_lib.with_tokenlearner(config, False).model, shape, num_classes)
+        models.with_tokenlearner(config, False).model, shape, num_classes)
     tl = flops.analytic_train_flops(config.model, shape, num_classes)
     assert vit == pytest.approx(vit_flops, rel=0.06) and tl == pytest.approx(tl_flops, rel=0.06)
 
@@ -100,7 +101,7 @@ def test_preset_models():
                                                                                    'gap')
   assert (m.tokenizer.patches.size, m.tokenizer.num_tokens, m.tokenizer.tokenlearner_loc) == (
       (2, 2), 8, 1)
-  assert config_lib.with_tokenlearner(config, False).model.tokenizer.type == 'patch'
+  assert models.with_tokenlearner(config, False).model.tokenizer.type == 'patch'
   assert config.model.tokenizer.type == 'dynamic'  # with_tokenlearner copies.
 
 
@@ -113,13 +114,13 @@ def test_torch_twin_has_the_same_parameter_count(tokenlearner):
   finally:
     sys.path.pop(0)
   config, shape, num_classes = benchmark.preset_config('mnist')
-  config = config_lib.with_tokenlearner(config, tokenlearner)
+  config = models.with_tokenlearner(config, tokenlearner)
   torch_model = torch_vit.ViT(
       image_shape=shape, patch=(2, 2), width=64, num_layers=4, num_heads=4, mlp_dim=128,
       num_classes=num_classes, num_tokens=8 if tokenlearner else None, tokenlearner_loc=1)
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
-  params = jax.eval_shape(lambda: config_lib.build_model(config.model, num_classes).init(
+  params = jax.eval_shape(lambda: models.build_model(config.model, num_classes).init(
       jax.random.key(0), jnp.zeros((1, *shape)))['params'])
   flax_count = sum(math.prod(p.shape) for p in jax.tree.leaves(params))
   assert sum(p.numel() for p in torch_model.parameters()) == flax_count

@@ -17,6 +17,7 @@ import pretrained_sources as src
 from pretrained_sources import CLASSES, IMG
 from vit_flax import checkpoints
 from vit_flax import config as config_lib
+from vit_flax import models
 from vit_flax import rundir
 from vit_flax.pretrained import export_vit_jax, load_pretrained, read_checkpoint
 
@@ -24,12 +25,12 @@ ATOL = 1e-4
 
 
 def _logits(cfg, params, images, num_classes=CLASSES):
-  return np.asarray(config_lib.build_model(cfg, num_classes).apply({'params': params}, images))
+  return np.asarray(models.build_model(cfg, num_classes).apply({'params': params}, images))
 
 
 def _init(cfg, size=IMG, channels=3):
   """Random target params (numpy; no init compile): whatever the source supplies replaces them."""
-  model = config_lib.build_model(cfg, CLASSES)
+  model = models.build_model(cfg, CLASSES)
   return helpers.random_variables(model, src.images(size=size, channels=channels))['params']
 
 
@@ -131,9 +132,9 @@ def test_timm_safetensors_computes_what_the_source_computes(tmp_path, case):
 
 def _tiny_run(workdir, tokenizer_type='dynamic'):
   """A vit_flax run directory of configs/tiny.py with random params at step 40; its params."""
-  config = config_lib.with_tokenlearner(helpers.tiny_config(), tokenizer_type == 'dynamic')
+  config = models.with_tokenlearner(helpers.tiny_config(), tokenizer_type == 'dynamic')
   config = config_lib.resolve(config)
-  model = config_lib.build_model(config.model, 10)
+  model = models.build_model(config.model, 10)
   params = helpers.random_variables(model, np.zeros((1, 28, 28, 1), np.float32))['params']
   manager = checkpoints.make_manager(str(workdir))
   meta = dict(checkpoints.model_meta(config), step=40)  # As a training run writes it.
@@ -163,7 +164,7 @@ def test_vit_flax_run_directory_and_step_directory_load(tmp_path):
 @pytest.mark.parametrize('classifier,rep', [('token', 8), ('gap', None)])
 def test_export_vit_jax_then_load_gives_equal_logits(tmp_path, classifier, rep):
   cfg = src.model_config(classifier, rep)
-  model = config_lib.build_model(cfg, CLASSES)
+  model = models.build_model(cfg, CLASSES)
   params = helpers.random_variables(model, src.images())['params']
   export_vit_jax(params, cfg, tmp_path / 'exported.npz')
   with np.load(tmp_path / 'exported.npz') as z:
@@ -250,7 +251,7 @@ def test_exported_npz_loads_into_timm_with_equal_logits(tmp_path, classifier):
   pytest.importorskip('torch')
   vision_transformer = pytest.importorskip('timm.models.vision_transformer')
   cfg = src.model_config(classifier, approximate_gelu=False)  # timm computes exact GELU.
-  params = helpers.random_variables(config_lib.build_model(cfg, CLASSES), src.images())['params']
+  params = helpers.random_variables(models.build_model(cfg, CLASSES), src.images())['params']
   export_vit_jax(params, cfg, tmp_path / 'exported.npz')
   model = vision_transformer.VisionTransformer(
       img_size=IMG, patch_size=src.PATCH, embed_dim=src.D, depth=src.LAYERS, num_heads=src.HEADS,

@@ -15,6 +15,7 @@ from helpers import CONFIG_DIR
 from vit_flax import config as config_lib
 from vit_flax import config_files
 from vit_flax import input_pipeline
+from vit_flax import models
 from vit_flax import optim
 
 CONFIGS = sorted(p.stem for p in CONFIG_DIR.glob('*.py') if not p.stem.startswith('_'))
@@ -37,7 +38,7 @@ def test_config_validates_and_builds(name):
   config = config_lib.resolve(load(name), num_devices=8)
   shape = input_pipeline.image_shape(config.dataset_name, config.dataset_configs)
   num_classes = input_pipeline.DATASETS[config.dataset_name].num_classes
-  model = config_lib.build_model(config.model, num_classes,
+  model = models.build_model(config.model, num_classes,
                                  dtype=config_lib.DTYPES[config.model_dtype_str])
   variables = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), jnp.zeros((1, *shape)),
                                                 train=False))
@@ -54,7 +55,7 @@ def test_vit_and_tl_pairs_differ_only_in_tokenlearner(base):
   vit_cfg, tl_cfg = flat(load(base + '_vit')), flat(load(base + '_tl'))
   assert tl_cfg['model']['tokenizer'].pop('type') == 'dynamic'
   assert vit_cfg['model']['tokenizer'].pop('type') == 'patch'
-  for key in config_lib.LEARNER_KEYS:  # Unread by a 'patch' model, so they may differ.
+  for key in models.LEARNER_KEYS:  # Unread by a 'patch' model, so they may differ.
     tl_cfg['model']['tokenizer'].pop(key)
     vit_cfg['model']['tokenizer'].pop(key, None)
   del vit_cfg['experiment_name'], tl_cfg['experiment_name']

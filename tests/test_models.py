@@ -8,7 +8,6 @@ import jax.numpy as jnp
 import numpy as np
 from absl.testing import absltest, parameterized
 
-from vit_flax import config as config_lib
 from vit_flax import models, vit
 
 # timm 1.0's `sum(p.numel() for p in model.parameters())` (BatchNorm scale and bias included,
@@ -29,7 +28,7 @@ def _build(cfg, num_classes=1000):
   fields = cfg.to_dict()
   name = fields.pop('name')
   if name == 'vit':
-    return vit.ViT(num_classes=num_classes, **config_lib.model_kwargs(fields))
+    return vit.ViT(num_classes=num_classes, **models.model_kwargs(fields))
   return models.MODELS[name](num_classes=num_classes, dtype=jnp.float32, **fields)
 
 

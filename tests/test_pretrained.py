@@ -15,6 +15,7 @@ import helpers
 import pretrained_sources as src
 from pretrained_sources import CLASSES, D, GRID, IMG
 from vit_flax import config as config_lib
+from vit_flax import models
 from vit_flax import resample
 from vit_flax.checkpoint_formats import POSEMB, PretrainedError, read_safetensors
 from vit_flax.pretrained import export_vit_jax, load_pretrained, read_checkpoint
@@ -32,7 +33,7 @@ def _vit_jax_file(tmp_path, *, cls=True, rep=None, seed=0, **shape_kw):
 
 
 def _init(cfg, num_classes=CLASSES, size=IMG, channels=3, seed=1):
-  model = config_lib.build_model(cfg, num_classes)
+  model = models.build_model(cfg, num_classes)
   return helpers.random_variables(model, src.images(size=size, channels=channels),
                                   seed=seed)['params']
 
@@ -212,7 +213,7 @@ def test_a_higher_resolution_target_gets_the_resized_embedding(tmp_path):
   grid = arrays[POSEMB][0, 1:].reshape(GRID, GRID, D)
   np.testing.assert_allclose(posemb[0, 1:].reshape(2 * GRID, 2 * GRID, D),
                              ndimage.zoom(grid, (2, 2, 1), order=1), atol=1e-6)
-  logits = jax.eval_shape(config_lib.build_model(cfg, CLASSES).apply, {'params': got},
+  logits = jax.eval_shape(models.build_model(cfg, CLASSES).apply, {'params': got},
                           src.images(size=2 * IMG))
   assert logits.shape == (1, CLASSES)
 
@@ -224,7 +225,7 @@ def test_a_non_square_source_grid_loads_given_source_grid_size(tmp_path):
   cfg = src.model_config('token')
   params = _load(tmp_path / 'wide.npz', cfg, size=(12, 16), source_grid_size=(3, 4))
   images = src.images(size=(12, 16))
-  np.testing.assert_allclose(config_lib.build_model(cfg, CLASSES).apply({'params': params}, images),
+  np.testing.assert_allclose(models.build_model(cfg, CLASSES).apply({'params': params}, images),
                              src.flax_family_vit(arrays, images, style='vit_jax'), atol=1e-4)
   wider = _flat(_load(tmp_path / 'wide.npz', cfg, size=(24, 48), source_grid_size=(3, 4)))
   np.testing.assert_allclose(
@@ -245,7 +246,7 @@ def test_a_grey_target_embeds_grey_images_as_the_source_did_their_rgb_replica(tm
 
 def test_a_sincos_source_gives_a_learned_target_its_table(tmp_path):
   cfg = src.model_config('token', positional_embedding='sinusoidal_2d')
-  model = config_lib.build_model(cfg, CLASSES)
+  model = models.build_model(cfg, CLASSES)
   params = _init(cfg)
   src.write_flax_checkpoint(tmp_path, 1, {'params': params})
   learned = src.model_config('token')
@@ -253,20 +254,20 @@ def test_a_sincos_source_gives_a_learned_target_its_table(tmp_path):
                  source_model_config={'positional_embedding': 'sinusoidal_2d'})
   images = src.images()
   np.testing.assert_allclose(
-      config_lib.build_model(learned, CLASSES).apply({'params': loaded}, images),
+      models.build_model(learned, CLASSES).apply({'params': loaded}, images),
       model.apply({'params': params}, images), atol=1e-5)
 
 
 def test_read_checkpoint_describes_the_source_model(tmp_path):
   path, _ = _vit_jax_file(tmp_path, rep=8)
   ckpt = read_checkpoint(path, 'vit_jax')
-  model = config_lib.resolve_model(ckpt.model)
+  model = models.resolve_model(ckpt.model)
   assert (model['hidden_size'], model['num_layers'], model['num_heads'], model['mlp_dim']) == (
       D, src.LAYERS, src.HEADS, src.MLP)
   assert model['classifier'] == 'token' and model['representation_size'] == 8
   assert model['tokenizer']['patches']['size'] == (src.PATCH, src.PATCH)
   assert ckpt.grid_size == (GRID, GRID) and ckpt.num_classes == CLASSES
-  config_lib.build_model(ckpt.model, ckpt.num_classes)  # Evaluable as it is.
+  models.build_model(ckpt.model, ckpt.num_classes)  # Evaluable as it is.
 
 
 def test_safetensors_reader_reads_bfloat16_and_integer_tensors(tmp_path):

@@ -21,6 +21,7 @@ from vit_flax import augment
 from vit_flax import checkpoints
 from vit_flax import config as config_lib
 from vit_flax import loops
+from vit_flax import models
 from vit_flax import optim
 from vit_flax import rundir
 from vit_flax import steps
@@ -51,7 +52,7 @@ def _dropout_free_state_and_batch(batch_size):
   config = tiny_config()
   config.model.dropout_rate = 0.0
   config = config_lib.resolve(config)
-  model = config_lib.build_model(config.model, 10)
+  model = models.build_model(config.model, 10)
   state = steps.create_train_state(jax.random.PRNGKey(0), config, model, (1, 28, 28, 1), 10)
   rng = np.random.default_rng(0)
   batch = {'inputs': jnp.asarray(rng.normal(size=(batch_size, 28, 28, 1)), jnp.float32),
@@ -116,7 +117,7 @@ def test_init_head_bias_and_masked_eval_sums_are_exact():
   config = tiny_config()
   config.init_head_bias = -2.0
   config = config_lib.resolve(config)
-  model = config_lib.build_model(config.model, 10)
+  model = models.build_model(config.model, 10)
   mesh = loops.make_mesh()
   replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
   state = steps.create_train_state(jax.random.PRNGKey(1), config, model, (1, 28, 28, 1), 10,
@@ -158,7 +159,7 @@ def test_ema_moves_towards_the_new_parameters_with_warmup():
   config = tiny_config()
   config.ema_decay = 0.99
   config = config_lib.resolve(config)
-  model = config_lib.build_model(config.model, 10)
+  model = models.build_model(config.model, 10)
   state = steps.create_train_state(jax.random.PRNGKey(0), config, model, (1, 28, 28, 1), 10)
   jax.tree.map(np.testing.assert_array_equal, state.ema_params, state.params)
   rng = np.random.default_rng(0)

@@ -14,6 +14,7 @@ import helpers
 from vit_flax import analysis
 from vit_flax import checkpoints
 from vit_flax import config as config_lib
+from vit_flax import models
 from vit_flax import rundir
 from vit_flax import visualize
 from vit_flax import vit
@@ -218,7 +219,7 @@ def _tiny_model(classifier='gap', **tokenizer):
   model_config = dict(hidden_size=16, num_layers=3, num_heads=2, mlp_dim=32,
                       classifier=classifier, dropout_rate=0.0, attention_dropout_rate=0.0,
                       tokenizer=dict(patches=dict(size=[4, 4]), **tokenizer))
-  model = config_lib.build_model(model_config, num_classes=5)
+  model = models.build_model(model_config, num_classes=5)
   images = np.random.default_rng(0).normal(size=(2, 16, 12, 1)).astype(np.float32)  # grid 4 x 3
   return model, _random_params(model, images), images
 
@@ -306,7 +307,7 @@ def test_write_plots_other_model(tmp_path, monkeypatch):
       tokenizer=dict(patches=dict(size=(7, 7)), type='dynamic', tokenlearner_loc=0, num_tokens=3,
                      use_v11=False, use_tokenfuse=True)))
   config = config_lib.resolve(config)
-  params = _random_params(config_lib.build_model(config.model, 10),
+  params = _random_params(models.build_model(config.model, 10),
                           np.zeros((1, 28, 28, 1), np.float32))
   monkeypatch.setattr(rundir, 'load_run', lambda workdir: checkpoints.Run(config, params, 0, None))
   paths = visualize.write_plots(str(tmp_path), num_images=2)

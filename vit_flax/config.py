@@ -8,23 +8,20 @@ the model of `config.model.name` (a key of `models.MODELS`; 'vit' maps scenic's 
 `vit.ViT`'s fields, the other families take their fields as they are).
 """
 
-import copy
-import difflib
 import math
 import os
-from collections.abc import Mapping
 from typing import Any
 
-import flax.linen as nn
-import jax
 import jax.numpy as jnp
 import ml_collections
 
+from vit_flax import checkpoint_formats
 from vit_flax import input_pipeline
 from vit_flax import models
-from vit_flax import vit
+from vit_flax import resample
+from vit_flax import schema
+from vit_flax.schema import REQUIRED, ConfigError
 
-REQUIRED = '<required>'  # Marks a key without a default.
 
 # Every top-level key the trainer reads, with its default (scenic's names and meanings).
 DEFAULTS = {
@@ -62,6 +59,19 @@ DEFAULTS = {
     # DeiT's hard-label distillation: keys DISTILLATION_DEFAULTS; None: off. Needs a model with a
     # distillation head (model.name 'deit').
     'distillation': None,
+    'init_from': None,  # Keys INIT_FROM_DEFAULTS; None: from scratch.
+}
+# Fine-tuning from a pretrained checkpoint (scenic's init_from block): used when a run starts (not
+# on resume); keys INIT_FROM_DEFAULTS. None: train from scratch.
+INIT_FROM_DEFAULTS = {
+    'checkpoint_path': REQUIRED,  # A file or directory of checkpoint_format.
+    'checkpoint_format': 'vit_flax',  # vit_flax (a run directory) | scenic | vit_jax | big_vision | timm
+    'model_config': None,  # What the file cannot tell about the source model (config.model keys).
+    'restore_head': False,  # Keep a source head of the same shape (scenic: always a fresh head).
+    'restore_positional_embedding': True,
+    'restore_input_embedding': True,
+    'positional_embed_size_change': 'resize',  # resize | tile | resize_tile (video)
+    'posemb_interpolation': 'bilinear',  # bilinear (vit_jax, scenic) | bicubic (timm, antialiased)
 }
 DISTILLATION_DEFAULTS = {
     'teacher_workdir': REQUIRED,  # A vit_flax run directory (any trained model on the same data).
@@ -86,195 +96,10 @@ LR_FACTOR_KEYS = {
     'linear_decay': ('warmup_steps', 'total_steps', 'end_learning_rate'),
 }
 # config.model keys with scenic's defaults (sizes come from `variant` or are required).
-MODEL_DEFAULTS = {
-    'name': 'vit',  # A key of models.MODELS; the others have a flat schema (models.field_defaults).
-    'variant': None,  # e.g. 'B/16': fills the four sizes and the patch size; explicit keys win.
-    'hidden_size': None, 'num_layers': None, 'num_heads': None, 'mlp_dim': None,
-    'classifier': 'gap', 'representation_size': None, 'dropout_rate': 0.1,
-    'attention_dropout_rate': 0.1, 'stochastic_depth': 0.0, 'positional_embedding': 'learned_1d',
-    'tokenizer': None,
-    'approximate_gelu': True,  # tanh GELU (scenic, vit_jax, big_vision); False: exact (timm).
-    'pooled_norm': False,  # The final LayerNorm on the pooled vector (timm's fc_norm).
-}
-TOKENIZER_DEFAULTS = {'type': 'patch', 'patches': None}
-# tokenizer keys read when type == 'dynamic' (allowed, and unread, for 'patch', so one config can
-# switch its learner off with --config.model.tokenizer.type=patch).
-LEARNER_DEFAULTS = {
-    'num_tokens': 8, 'tokenlearner_loc': None, 'use_v11': True, 'use_tokenfuse': False}
-LEARNER_KEYS = tuple(LEARNER_DEFAULTS)
 DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16, 'float16': jnp.float16}
 _POSITIVE_INTS = ('batch_size', 'eval_batch_size', 'num_training_steps', 'log_eval_steps',
                   'log_summary_steps', 'checkpoint_steps', 'max_checkpoint_keep',
                   'microbatch_size')
-
-
-class ConfigError(ValueError):
-  """A config that cannot run; the message is one line listing every problem."""
-
-
-def _as_dict(cfg: Any) -> dict[str, Any]:
-  """A ConfigDict / FrozenConfigDict / Mapping (or None) as a plain nested dict."""
-  if cfg is None:
-    return {}
-  if hasattr(cfg, 'to_dict'):
-    return cfg.to_dict()
-  if isinstance(cfg, Mapping):
-    return {k: _as_dict(v) if isinstance(v, Mapping) else v for k, v in cfg.items()}
-  raise ConfigError(f'Expected a ConfigDict or mapping, got {type(cfg).__name__}.')
-
-
-def _merge(defaults: Mapping[str, Any], given: Mapping[str, Any], prefix: str,
-           errors: list[str]) -> dict[str, Any]:
-  """`given` over `defaults` (one level); unknown and missing required keys go to `errors`."""
-  for key in sorted(set(given) - set(defaults)):
-    close = difflib.get_close_matches(key, list(defaults), n=1)
-    errors.append(f'unknown key {prefix}{key}' + (f' (did you mean {prefix}{close[0]}?)'
-                                                  if close else ' (nothing reads it)'))
-  merged = {k: given.get(k, v) for k, v in defaults.items()}
-  errors += [f'missing key {prefix}{k}' for k, v in merged.items() if v is REQUIRED]
-  return merged
-
-
-def resolve_model(model_config: Any, errors: list[str] | None = None) -> dict[str, Any]:
-  """scenic's `config.model` with every default filled and `variant` expanded.
-
-  Sizes absent from the config come from `variant`; patches.size becomes a 2-tuple. With `errors`
-  given, problems are appended to it; otherwise the first batch raises ConfigError.
-  """
-  own = errors is None
-  errors = [] if own else errors
-  given = _as_dict(model_config)
-  if given.get('name', 'vit') != 'vit':
-    model = _resolve_family(given, errors)
-    if own and errors:
-      raise ConfigError('Invalid model config: ' + '; '.join(errors) + '.')
-    return model
-  model = _merge(MODEL_DEFAULTS, given, 'model.', errors)
-  tokenizer = _as_dict(model['tokenizer'])
-  tok_type = tokenizer.get('type', 'patch')
-  tokenizer = _merge(dict(TOKENIZER_DEFAULTS, **LEARNER_DEFAULTS), tokenizer, 'model.tokenizer.',
-                     errors)
-  if tok_type == 'dynamic' and tokenizer['tokenlearner_loc'] is None:
-    errors.append("model.tokenizer.tokenlearner_loc is needed by tokenizer.type 'dynamic'")
-  if tok_type not in vit.TOKENIZER_TYPES:
-    errors.append(f'model.tokenizer.type must be one of {vit.TOKENIZER_TYPES}, got {tok_type!r}')
-  patches = _merge({'size': None}, _as_dict(tokenizer['patches']), 'model.tokenizer.patches.',
-                   errors)
-  sizes = {}
-  if model['variant']:
-    try:
-      sizes = vit.decode_variant(model['variant'])
-    except ValueError as e:
-      errors.append(str(e).rstrip('.'))
-  for key in ('hidden_size', 'num_layers', 'num_heads', 'mlp_dim'):
-    if model[key] is None:
-      model[key] = sizes.get(key)
-  size = patches['size'] if patches['size'] is not None else sizes.get('patch_size')
-  if isinstance(size, int):
-    size = (size, size)
-  patches['size'] = tuple(size) if size is not None else None
-  missing = [k for k in ('hidden_size', 'num_layers', 'num_heads', 'mlp_dim') if model[k] is None]
-  missing += ['tokenizer.patches.size'] if patches['size'] is None else []
-  if missing:
-    errors.append(f'model lacks {", ".join(missing)} (give them, or a variant like "B/16")')
-  tokenizer['patches'] = patches
-  model['tokenizer'] = tokenizer
-  if own and errors:
-    raise ConfigError('Invalid model config: ' + '; '.join(errors) + '.')
-  return model
-
-
-def _resolve_family(given: dict[str, Any], errors: list[str]) -> dict[str, Any]:
-  """A flat `config.model` of a family other than 'vit': its class's fields, defaults filled."""
-  name = given['name']
-  if name not in models.MODELS:
-    errors.append(f'model.name must be one of {sorted(models.MODELS)}, got {name!r}')
-    return given
-  model = _merge({'name': name, **models.field_defaults(name)}, given, 'model.', errors)
-  return {k: tuple(v) if isinstance(v, list) else v for k, v in model.items()}
-
-
-def model_kwargs(model_config: Any) -> dict[str, Any]:
-  """The model class's fields (all but num_classes and dtype) for `config.model`: scenic's
-  schema mapped onto `vit.ViT`, or a family's flat fields as they are."""
-  m = resolve_model(model_config)
-  if m['name'] != 'vit':
-    return {k: v for k, v in m.items() if k != 'name'}
-  tok = m['tokenizer']
-  kw = {k: m[k] for k in ('hidden_size', 'num_layers', 'num_heads', 'mlp_dim', 'classifier',
-                          'representation_size', 'positional_embedding', 'approximate_gelu',
-                          'pooled_norm')}
-  kw.update(patch_size=tuple(int(s) for s in tok['patches']['size']),
-            dropout_rate=float(m['dropout_rate']),
-            attention_dropout_rate=float(m['attention_dropout_rate']),
-            stochastic_depth=float(m['stochastic_depth']))
-  if tok['type'] == 'dynamic':
-    kw.update(tokenlearner_loc=int(tok['tokenlearner_loc']), num_tokens=int(tok['num_tokens']),
-              use_v11=bool(tok['use_v11']), use_tokenfuse=bool(tok['use_tokenfuse']))
-  return kw
-
-
-def build_model(model_config: Any, num_classes: int, *, dtype: Any = jnp.float32) -> nn.Module:
-  """The model `config.model` describes: `models.MODELS[model.name]` (default 'vit', scenic's
-  schema with the defaults of MODEL_DEFAULTS; the other families take their fields flat).
-
-  `dtype` (e.g. jnp.bfloat16 or 'bfloat16') is the compute dtype; parameters stay float32.
-  Raises ConfigError for a config that cannot be built.
-  """
-  name = resolve_model(model_config)['name']
-  try:
-    model = models.MODELS[name](num_classes=num_classes, dtype=jnp.dtype(dtype),
-                                **model_kwargs(model_config))
-    if name == 'vit':
-      vit.check_vit(model)
-  except (TypeError, ValueError) as e:
-    raise ConfigError(str(e).splitlines()[0]) from None
-  return model
-
-
-def check_model(model_config: Any, num_classes: int, image_shape: tuple[int, ...] | None
-                ) -> None:
-  """Raises ValueError (one line) for a model that cannot run on images of `image_shape`.
-
-  A ViT is checked from its fields; another family is traced (`jax.eval_shape`, nothing is
-  compiled), so its own size checks run.
-  """
-  model = build_model(model_config, num_classes)
-  if isinstance(model, vit.ViT):
-    vit.check_vit(model, image_shape)
-  elif image_shape is not None:
-    key = jax.random.key(0)
-    jax.eval_shape(lambda: model.init(key, jnp.zeros((1, *image_shape)), train=False))
-
-
-def with_tokenlearner(config: ml_collections.ConfigDict, enabled: bool, *,
-                      num_tokens: int | None = None,
-                      tokenlearner_loc: int | None = None) -> ml_collections.ConfigDict:
-  """A copy of `config` whose model has its TokenLearner (ViT: tokenizer 'dynamic') or not
-  ('patch'); for the other families, `tokenlearner_loc` set or None.
-
-  Nothing else changes: a 'patch' model keeps (and ignores) the learner's tokenizer keys.
-  """
-  config = copy.deepcopy(config)  # Keeps placeholders, so CLI overrides still type-check.
-  with config.unlocked():
-    if config.model.get('name', 'vit') != 'vit':
-      if 'tokenlearner_loc' not in models.field_defaults(config.model.name):
-        raise ConfigError(f'model.name {config.model.name!r} has no TokenLearner option.')
-      loc = tokenlearner_loc if tokenlearner_loc is not None else config.model.get(
-          'tokenlearner_loc')
-      if enabled and loc is None:
-        raise ConfigError('model.tokenlearner_loc is needed to add a TokenLearner.')
-      config.model.tokenlearner_loc = loc if enabled else None
-      if num_tokens is not None:
-        config.model.num_tokens = num_tokens
-      return config
-    tokenizer = config.model.tokenizer
-    tokenizer.type = 'dynamic' if enabled else 'patch'
-    if num_tokens is not None:
-      tokenizer.num_tokens = num_tokens
-    if tokenlearner_loc is not None:
-      tokenizer.tokenlearner_loc = tokenlearner_loc
-  return config
 
 
 def resolve(config: ml_collections.ConfigDict, *, num_devices: int | None = None
@@ -289,21 +114,23 @@ def resolve(config: ml_collections.ConfigDict, *, num_devices: int | None = None
     ConfigError: one line listing every problem found.
   """
   errors = []
-  c = _merge(DEFAULTS, _as_dict(config), '', errors)
+  c = schema.merge(DEFAULTS, schema.as_dict(config), '', errors)
   if errors:  # The rest reads these keys.
     raise ConfigError('Invalid config: ' + '; '.join(errors) + '.')
-  c['dataset_configs'] = _merge(input_pipeline.DATASET_CONFIG_DEFAULTS,
-                                _as_dict(c['dataset_configs']), 'dataset_configs.', errors)
+  c['dataset_configs'] = schema.merge(input_pipeline.DATASET_CONFIG_DEFAULTS,
+                                schema.as_dict(c['dataset_configs']), 'dataset_configs.', errors)
   if c['optimizer'] in OPTIMIZER_DEFAULTS:
-    c['optimizer_configs'] = _merge(OPTIMIZER_DEFAULTS[c['optimizer']],
-                                    _as_dict(c['optimizer_configs']), 'optimizer_configs.', errors)
+    c['optimizer_configs'] = schema.merge(OPTIMIZER_DEFAULTS[c['optimizer']],
+                                    schema.as_dict(c['optimizer_configs']), 'optimizer_configs.', errors)
   else:
     errors.append(f'optimizer must be one of {sorted(OPTIMIZER_DEFAULTS)}, got {c["optimizer"]!r}')
-  c['lr_configs'] = _resolve_lr_configs(_as_dict(c['lr_configs']), errors)
+  c['lr_configs'] = _resolve_lr_configs(schema.as_dict(c['lr_configs']), errors)
   if c['distillation'] is not None:
-    c['distillation'] = _merge(DISTILLATION_DEFAULTS, _as_dict(c['distillation']),
+    c['distillation'] = schema.merge(DISTILLATION_DEFAULTS, schema.as_dict(c['distillation']),
                                'distillation.', errors)
-  c['model'] = resolve_model(c['model'], errors)
+  if c['init_from'] is not None:
+    c['init_from'] = schema.merge(INIT_FROM_DEFAULTS, schema.as_dict(c['init_from']), 'init_from.', errors)
+  c['model'] = models.resolve_model(c['model'], errors)
   for key in ('eval_batch_size',):
     c[key] = c[key] or c['batch_size']
   c['log_summary_steps'] = c['log_summary_steps'] or c['log_eval_steps']
@@ -330,7 +157,7 @@ def _resolve_lr_configs(lr: dict[str, Any], errors: list[str]) -> dict[str, Any]
     return lr
   defaults = {'learning_rate_schedule': 'compound', 'factors': lr.get('factors')}
   defaults.update({k: None for f in factors for k in LR_FACTOR_KEYS[f]})
-  lr = _merge(defaults, lr, 'lr_configs.', errors)
+  lr = schema.merge(defaults, lr, 'lr_configs.', errors)
   for factor, key in (('constant', 'base_learning_rate'), ('linear_warmup', 'warmup_steps')):
     if factor in factors and lr.get(key) is None:
       errors.append(f'lr_configs.{key} is needed by factor {factor!r}')
@@ -382,6 +209,7 @@ def _check_values(c: dict[str, Any], num_devices: int | None, errors: list[str])
                   f'{c["model_dtype_str"]!r}')
   if c['loss'] not in ('softmax', 'sigmoid'):
     errors.append(f"loss must be 'softmax' or 'sigmoid', got {c['loss']!r}")
+  _check_init_from(c['init_from'], errors)
   teacher = (c['distillation'] or {}).get('teacher_workdir')
   if c['distillation'] is not None and not (
       isinstance(teacher, str) and os.path.isfile(os.path.join(teacher, 'config.json'))):
@@ -392,12 +220,35 @@ def _check_values(c: dict[str, Any], num_devices: int | None, errors: list[str])
   info = input_pipeline.DATASETS.get(c['dataset_name'].split(':')[0])
   image_shape = input_pipeline.image_shape(c['dataset_name'], c['dataset_configs'])
   try:
-    check_model(c['model'], info.num_classes if info else 1, image_shape)
+    models.check_model(c['model'], info.num_classes if info else 1, image_shape)
   except (ValueError, TypeError) as e:  # TypeError: a size given as a string, say.
     errors.append(f'model: {str(e).splitlines()[0]}'.rstrip('.'))
   if c['distillation'] is not None and c['model']['name'] != 'deit':
     errors.append(f"distillation needs a model with a distillation head (model.name 'deit'), "
                   f"got {c['model']['name']!r}")
+
+
+def _check_init_from(init_from: dict[str, Any] | None, errors: list[str]) -> None:
+  """Appends to `errors` what is wrong with an `init_from` block (before anything is loaded)."""
+  if init_from is None:
+    return
+  path, fmt = init_from['checkpoint_path'], init_from['checkpoint_format']
+  if not (isinstance(path, str) and os.path.exists(path)):
+    errors.append(f'init_from.checkpoint_path={path!r} does not exist')
+  choices = {'checkpoint_format': checkpoint_formats.FORMATS,
+             'positional_embed_size_change': resample.SIZE_CHANGES,
+             'posemb_interpolation': resample.INTERPOLATIONS}
+  for key, allowed in choices.items():
+    if init_from[key] not in allowed:
+      errors.append(f'init_from.{key} must be one of {allowed}, got {init_from[key]!r}')
+  for key in ('restore_head', 'restore_positional_embedding', 'restore_input_embedding'):
+    if not isinstance(init_from[key], bool):
+      errors.append(f'init_from.{key} must be True or False, got {init_from[key]!r}')
+  if fmt == 'vit_flax' and isinstance(path, str) and os.path.isdir(path) and not (
+      os.path.isfile(os.path.join(path, 'config.json')) or
+      os.path.isdir(os.path.join(path, 'params'))):
+    errors.append(f'init_from.checkpoint_path={path} is not a vit_flax run directory (no '
+                  'config.json) or checkpoint step (no params/)')
 
 
 def _is_number(value: Any) -> bool:

@@ -13,6 +13,7 @@ import jax.numpy as jnp
 import ml_collections
 
 from vit_flax import config as config_lib
+from vit_flax import models
 from vit_flax import steps
 
 TL_BOTTLENECK = 64  # TokenLearner V1.1 / TokenFuser `token_masking` width (scenic's fixed value).
@@ -27,7 +28,7 @@ def analytic_train_flops(model_config: ml_collections.ConfigDict, image_shape: S
   the TokenFuser, pre-logits and head. Elementwise work (softmax, LayerNorm, GELU, the optimizer)
   is left out; it adds a few percent on small models.
   """
-  m = config_lib.model_kwargs(model_config)
+  m = models.model_kwargs(model_config)
   h, w, c = image_shape
   ph, pw = m['patch_size']
   n = (h // ph) * (w // pw)  # Patch tokens.

@@ -1,18 +1,25 @@
-"""The model families by name, their schema, and reference configs named as timm's models.
+"""The model families by name, the `config.model` schema, building a model from it, and reference
+configs named as timm's models.
 
 `MODELS` is the one name -> class table. Every family but 'vit' has a flat `config.model`:
 `{'name': <family>, <fields of its class but num_classes and dtype>}`, so a model is
 `MODELS[name](num_classes=..., dtype=..., **fields)` and `field_defaults(name)` lists the keys
-it accepts. 'vit' keeps scenic's nested schema (`config.MODEL_DEFAULTS`, `tokenizer`).
+it accepts. 'vit' keeps scenic's nested schema (`MODEL_DEFAULTS`, `tokenizer`), which
+`model_kwargs` maps onto `vit.ViT`'s fields. `build_model(config.model, num_classes)` is the one
+way a model is made from a config.
 """
 
+import copy
 import dataclasses
 from typing import Any
 
 import flax.linen as nn
+import jax
+import jax.numpy as jnp
 import ml_collections
 
-from vit_flax import cait, deit, mixer, swin, vit, xcit
+from vit_flax import cait, deit, mixer, schema, swin, vit, xcit
+from vit_flax.schema import REQUIRED
 
 MODELS: dict[str, type[nn.Module]] = {
     'vit': vit.ViT,
@@ -77,3 +84,165 @@ def reference_config(name: str) -> ml_collections.ConfigDict:
     raise ValueError(f'Unknown reference model {name!r}; expected one of {REFERENCE_NAMES}.')
   family, overrides = _REFERENCES[name]
   return ml_collections.ConfigDict({'name': family, **field_defaults(family), **overrides})
+
+
+# The config.model section: scenic's schema for 'vit', flat fields for the other families.
+
+MODEL_DEFAULTS = {
+    'name': 'vit',  # A key of models.MODELS; the others have a flat schema (models.field_defaults).
+    'variant': None,  # e.g. 'B/16': fills the four sizes and the patch size; explicit keys win.
+    'hidden_size': None, 'num_layers': None, 'num_heads': None, 'mlp_dim': None,
+    'classifier': 'gap', 'representation_size': None, 'dropout_rate': 0.1,
+    'attention_dropout_rate': 0.1, 'stochastic_depth': 0.0, 'positional_embedding': 'learned_1d',
+    'tokenizer': None,
+    'approximate_gelu': True,  # tanh GELU (scenic, vit_jax, big_vision); False: exact (timm).
+    'pooled_norm': False,  # The final LayerNorm on the pooled vector (timm's fc_norm).
+}
+TOKENIZER_DEFAULTS = {'type': 'patch', 'patches': None}
+# tokenizer keys read when type == 'dynamic' (allowed, and unread, for 'patch', so one config can
+# switch its learner off with --config.model.tokenizer.type=patch).
+LEARNER_DEFAULTS = {
+    'num_tokens': 8, 'tokenlearner_loc': None, 'use_v11': True, 'use_tokenfuse': False}
+LEARNER_KEYS = tuple(LEARNER_DEFAULTS)
+
+
+def resolve_model(model_config: Any, errors: list[str] | None = None) -> dict[str, Any]:
+  """scenic's `config.model` with every default filled and `variant` expanded.
+
+  Sizes absent from the config come from `variant`; patches.size becomes a 2-tuple. With `errors`
+  given, problems are appended to it; otherwise the first batch raises ConfigError.
+  """
+  own = errors is None
+  errors = [] if own else errors
+  given = schema.as_dict(model_config)
+  if given.get('name', 'vit') != 'vit':
+    model = _resolve_family(given, errors)
+    if own and errors:
+      raise schema.ConfigError('Invalid model config: ' + '; '.join(errors) + '.')
+    return model
+  model = schema.merge(MODEL_DEFAULTS, given, 'model.', errors)
+  tokenizer = schema.as_dict(model['tokenizer'])
+  tok_type = tokenizer.get('type', 'patch')
+  tokenizer = schema.merge(dict(TOKENIZER_DEFAULTS, **LEARNER_DEFAULTS), tokenizer, 'model.tokenizer.',
+                     errors)
+  if tok_type == 'dynamic' and tokenizer['tokenlearner_loc'] is None:
+    errors.append("model.tokenizer.tokenlearner_loc is needed by tokenizer.type 'dynamic'")
+  if tok_type not in vit.TOKENIZER_TYPES:
+    errors.append(f'model.tokenizer.type must be one of {vit.TOKENIZER_TYPES}, got {tok_type!r}')
+  patches = schema.merge({'size': None}, schema.as_dict(tokenizer['patches']), 'model.tokenizer.patches.',
+                   errors)
+  sizes = {}
+  if model['variant']:
+    try:
+      sizes = vit.decode_variant(model['variant'])
+    except ValueError as e:
+      errors.append(str(e).rstrip('.'))
+  for key in ('hidden_size', 'num_layers', 'num_heads', 'mlp_dim'):
+    if model[key] is None:
+      model[key] = sizes.get(key)
+  size = patches['size'] if patches['size'] is not None else sizes.get('patch_size')
+  if isinstance(size, int):
+    size = (size, size)
+  patches['size'] = tuple(size) if size is not None else None
+  missing = [k for k in ('hidden_size', 'num_layers', 'num_heads', 'mlp_dim') if model[k] is None]
+  missing += ['tokenizer.patches.size'] if patches['size'] is None else []
+  if missing:
+    errors.append(f'model lacks {", ".join(missing)} (give them, or a variant like "B/16")')
+  tokenizer['patches'] = patches
+  model['tokenizer'] = tokenizer
+  if own and errors:
+    raise schema.ConfigError('Invalid model config: ' + '; '.join(errors) + '.')
+  return model
+
+
+def _resolve_family(given: dict[str, Any], errors: list[str]) -> dict[str, Any]:
+  """A flat `config.model` of a family other than 'vit': its class's fields, defaults filled."""
+  name = given['name']
+  if name not in MODELS:
+    errors.append(f'model.name must be one of {sorted(MODELS)}, got {name!r}')
+    return given
+  model = schema.merge({'name': name, **field_defaults(name)}, given, 'model.', errors)
+  return {k: tuple(v) if isinstance(v, list) else v for k, v in model.items()}
+
+
+def model_kwargs(model_config: Any) -> dict[str, Any]:
+  """The model class's fields (all but num_classes and dtype) for `config.model`: scenic's
+  schema mapped onto `vit.ViT`, or a family's flat fields as they are."""
+  m = resolve_model(model_config)
+  if m['name'] != 'vit':
+    return {k: v for k, v in m.items() if k != 'name'}
+  tok = m['tokenizer']
+  kw = {k: m[k] for k in ('hidden_size', 'num_layers', 'num_heads', 'mlp_dim', 'classifier',
+                          'representation_size', 'positional_embedding', 'approximate_gelu',
+                          'pooled_norm')}
+  kw.update(patch_size=tuple(int(s) for s in tok['patches']['size']),
+            dropout_rate=float(m['dropout_rate']),
+            attention_dropout_rate=float(m['attention_dropout_rate']),
+            stochastic_depth=float(m['stochastic_depth']))
+  if tok['type'] == 'dynamic':
+    kw.update(tokenlearner_loc=int(tok['tokenlearner_loc']), num_tokens=int(tok['num_tokens']),
+              use_v11=bool(tok['use_v11']), use_tokenfuse=bool(tok['use_tokenfuse']))
+  return kw
+
+
+def build_model(model_config: Any, num_classes: int, *, dtype: Any = jnp.float32) -> nn.Module:
+  """The model `config.model` describes: `MODELS[model.name]` (default 'vit', scenic's
+  schema with the defaults of MODEL_DEFAULTS; the other families take their fields flat).
+
+  `dtype` (e.g. jnp.bfloat16 or 'bfloat16') is the compute dtype; parameters stay float32.
+  Raises ConfigError for a config that cannot be built.
+  """
+  name = resolve_model(model_config)['name']
+  try:
+    model = MODELS[name](num_classes=num_classes, dtype=jnp.dtype(dtype),
+                                **model_kwargs(model_config))
+    if name == 'vit':
+      vit.check_vit(model)
+  except (TypeError, ValueError) as e:
+    raise schema.ConfigError(str(e).splitlines()[0]) from None
+  return model
+
+
+def check_model(model_config: Any, num_classes: int, image_shape: tuple[int, ...] | None
+                ) -> None:
+  """Raises ValueError (one line) for a model that cannot run on images of `image_shape`.
+
+  A ViT is checked from its fields; another family is traced (`jax.eval_shape`, nothing is
+  compiled), so its own size checks run.
+  """
+  model = build_model(model_config, num_classes)
+  if isinstance(model, vit.ViT):
+    vit.check_vit(model, image_shape)
+  elif image_shape is not None:
+    key = jax.random.key(0)
+    jax.eval_shape(lambda: model.init(key, jnp.zeros((1, *image_shape)), train=False))
+
+
+def with_tokenlearner(config: ml_collections.ConfigDict, enabled: bool, *,
+                      num_tokens: int | None = None,
+                      tokenlearner_loc: int | None = None) -> ml_collections.ConfigDict:
+  """A copy of `config` whose model has its TokenLearner (ViT: tokenizer 'dynamic') or not
+  ('patch'); for the other families, `tokenlearner_loc` set or None.
+
+  Nothing else changes: a 'patch' model keeps (and ignores) the learner's tokenizer keys.
+  """
+  config = copy.deepcopy(config)  # Keeps placeholders, so CLI overrides still type-check.
+  with config.unlocked():
+    if config.model.get('name', 'vit') != 'vit':
+      if 'tokenlearner_loc' not in field_defaults(config.model.name):
+        raise schema.ConfigError(f'model.name {config.model.name!r} has no TokenLearner option.')
+      loc = tokenlearner_loc if tokenlearner_loc is not None else config.model.get(
+          'tokenlearner_loc')
+      if enabled and loc is None:
+        raise schema.ConfigError('model.tokenlearner_loc is needed to add a TokenLearner.')
+      config.model.tokenlearner_loc = loc if enabled else None
+      if num_tokens is not None:
+        config.model.num_tokens = num_tokens
+      return config
+    tokenizer = config.model.tokenizer
+    tokenizer.type = 'dynamic' if enabled else 'patch'
+    if num_tokens is not None:
+      tokenizer.num_tokens = num_tokens
+    if tokenlearner_loc is not None:
+      tokenizer.tokenlearner_loc = tokenlearner_loc
+  return config

@@ -35,6 +35,7 @@ import numpy as np
 
 from vit_flax import checkpoint_formats as formats
 from vit_flax import config as config_lib
+from vit_flax import models
 from vit_flax.checkpoint_formats import FORMATS, KNOWN_PATH, POSEMB, PretrainedError
 from vit_flax.layers import posemb_sincos_2d
 from vit_flax.resample import INTERPOLATIONS, SIZE_CHANGES, resize_posemb
@@ -219,8 +220,8 @@ def load_pretrained(path: str, *, checkpoint_format: str, model_config: Any, num
   if posemb_interpolation not in INTERPOLATIONS:
     raise PretrainedError(f'posemb_interpolation must be one of {INTERPOLATIONS}, got '
                           f'{posemb_interpolation!r}.')
-  target = config_lib.model_kwargs(model_config)
-  model = config_lib.build_model(model_config, num_classes)
+  target = models.model_kwargs(model_config)
+  model = models.build_model(model_config, num_classes)
   height, width = (image_size, image_size) if isinstance(image_size, int) else image_size
   ph, pw = target['patch_size']
   if height % ph or width % pw:
@@ -397,7 +398,7 @@ def export_vit_jax(params: Any, model_config: Any, path: str | os.PathLike) -> N
   TokenLearner, no `fc_norm`. vit_jax uses tanh GELU; an exact-GELU model is written with a
   warning.
   """
-  kw = config_lib.model_kwargs(model_config)
+  kw = models.model_kwargs(model_config)
   problems = [] if kw['classifier'] in ('token', 'gap') else [f'classifier {kw["classifier"]!r}']
   problems += ['a TokenLearner'] if kw.get('tokenlearner_loc') is not None else []
   problems += ['pooled_norm (fc_norm)'] if kw['pooled_norm'] else []

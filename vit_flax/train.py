@@ -26,6 +26,7 @@ from vit_flax import config as config_lib
 from vit_flax import flops
 from vit_flax import input_pipeline
 from vit_flax import loops
+from vit_flax import models
 from vit_flax import multihost
 from vit_flax import optim
 from vit_flax import preemption
@@ -94,7 +95,7 @@ def _checkpoint_bytes(config: ml_collections.ConfigDict) -> int:
   shape = input_pipeline.image_shape(config.dataset_name, config.dataset_configs)
   if info is None or shape is None:
     return 0
-  model = config_lib.build_model(config.model, info.num_classes)
+  model = models.build_model(config.model, info.num_classes)
   key = jax.random.key(0)
   abstract = jax.eval_shape(lambda: model.init(key, jnp.zeros((1, *shape)), train=False))
   num_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(abstract['params']))
@@ -162,7 +163,7 @@ def _setup(config: ml_collections.ConfigDict, workdir: str, ds: input_pipeline.D
   run_start = time.time()
   mesh = loops.make_mesh()
   replicated = NamedSharding(mesh, P())
-  model = config_lib.build_model(config.model, ds.num_classes,
+  model = models.build_model(config.model, ds.num_classes,
                                  dtype=config_lib.DTYPES[config.model_dtype_str])
   init_rng, rng = jax.random.split(jax.random.PRNGKey(config.rng_seed))
   state = steps.create_train_state(init_rng, config, model, (1, *ds.image_shape), total_steps,
@@ -211,7 +212,7 @@ def _teacher(config: ml_collections.ConfigDict, ds: input_pipeline.Dataset
     return None
   teacher = checkpoints.load_run(config.distillation.teacher_workdir,
                             config.distillation.teacher_checkpoint)
-  model = config_lib.build_model(teacher.config.model, ds.num_classes)
+  model = models.build_model(teacher.config.model, ds.num_classes)
   variables = {'params': teacher.params}
   if teacher.batch_stats is not None:
     variables['batch_stats'] = teacher.batch_stats
