@@ -10,6 +10,7 @@ import socket
 import subprocess
 import sys
 
+from flax.traverse_util import flatten_dict as flax_flatten
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -194,7 +195,7 @@ def test_time_to_accuracy_uses_the_first_crossing_of_raw_or_ema():
              {'step': 10, 'wall_time_s': 2.0, 'valid_accuracy': 0.6, 'valid_ema_accuracy': 0.85},
              {'step': 20, 'wall_time_s': 4.0, 'valid_accuracy': 0.9},
              {'step': 20, 'wall_time_s': 5.0, 'test_accuracy': 0.99}]
-  out = train.time_to_accuracy(records, (0.8, 0.9, 0.95), batch_size=32)
+  out = rundir.time_to_accuracy(records, (0.8, 0.9, 0.95), batch_size=32)
   assert out == [{'accuracy': 0.8, 'step': 10, 'wall_time_s': 2.0, 'images_seen': 320},
                  {'accuracy': 0.9, 'step': 20, 'wall_time_s': 4.0, 'images_seen': 640},
                  {'accuracy': 0.95, 'step': None, 'wall_time_s': None, 'images_seen': None}]
@@ -449,3 +450,30 @@ def test_checkpoints_being_a_file_is_refused_before_any_work(tmp_path):
   (tmp_path / 'checkpoints').write_text('not a directory')
   with pytest.raises(OSError, match='checkpoints exists and is not a directory'):
     train.train_and_evaluate(tiny_config(), str(tmp_path))
+
+
+def test_init_from_a_run_starts_from_its_parameters_with_a_fresh_head(tiny_run, tmp_path,
+                                                                       monkeypatch):
+  """config.init_from (scenic's block): the pretrained run's parameters, a zero head (scenic)."""
+  source = checkpoints.load_run(tiny_run[0])
+  config = tiny_config()
+  config.init_from = {'checkpoint_path': tiny_run[0]}
+
+  class Started(Exception):
+    pass
+
+  def capture(ds, config, state, *args, **kwargs):
+    raise Started(jax.device_get(state.params))
+
+  monkeypatch.setattr(loops, 'make_runners', capture)
+  with pytest.raises(Started) as started:
+    train.train_and_evaluate(config, str(tmp_path))
+  params = started.value.args[0]
+  flat = lambda tree: {'/'.join(k): v for k, v in flax_flatten(tree).items()}
+  for path, value in flat(params).items():
+    expected = (np.zeros_like(value) if path.startswith('output_projection') else
+                flat(source.params)[path])
+    np.testing.assert_array_equal(value, expected, err_msg=path)
+  config.init_from.checkpoint_path = str(tmp_path / 'nowhere')
+  with pytest.raises(config_lib.ConfigError, match='init_from.checkpoint_path=.*does not exist'):
+    train.train_and_evaluate(config, str(tmp_path / 'other'))

@@ -25,6 +25,8 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from vit_flax import config as config_lib
+from vit_flax import input_pipeline
+from vit_flax import models
 from vit_flax import multihost
 from vit_flax import rundir
 
@@ -310,3 +312,17 @@ def checkpoint_bytes(num_params: int, *, ema: bool, optimizer: str) -> int:
   """About the size of one checkpoint: float32 parameters, the optimizer's moments, the EMA."""
   copies = 1 + (2 if optimizer in ('adam', 'adamw') else 1) + int(ema)
   return 4 * num_params * copies + 2**20  # + metadata
+
+
+def size_of(config: ml_collections.ConfigDict) -> int:
+  """About the size of one checkpoint of a resolved `config` (0 when its dataset is not known by
+  name); nothing is computed (`jax.eval_shape`)."""
+  info = input_pipeline.DATASETS.get(config.dataset_name.split(':')[0])
+  shape = input_pipeline.image_shape(config.dataset_name, config.dataset_configs)
+  if info is None or shape is None:
+    return 0
+  model = models.build_model(config.model, info.num_classes)
+  key = jax.random.key(0)
+  abstract = jax.eval_shape(lambda: model.init(key, jnp.zeros((1, *shape)), train=False))
+  num_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(abstract['params']))
+  return checkpoint_bytes(num_params, ema=bool(config.ema_decay), optimizer=config.optimizer)

@@ -49,7 +49,7 @@ DEFAULTS = {
     'accuracy_thresholds': (0.5, 0.8, 0.9, 0.92, 0.93, 0.95, 0.98, 0.99),
     'init_head_bias': None,  # Fill value of every output_projection bias; None: zeros.
     'lr_configs': REQUIRED,  # Keys: LR_FACTOR_KEYS of its factors.
-    'model': REQUIRED,  # scenic's model schema: MODEL_DEFAULTS and TOKENIZER_DEFAULTS.
+    'model': REQUIRED,  # models.MODEL_DEFAULTS (scenic's schema), or a family's flat fields.
     'model_dtype_str': 'float32',  # Compute dtype: float32 | bfloat16 | float16.
     'loss': 'softmax',  # softmax (cross-entropy) | sigmoid (scenic's multilabel loss).
     # Examples per gradient micro-batch (summed inside the step; the update is unchanged).

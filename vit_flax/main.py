@@ -16,7 +16,6 @@ from absl import flags
 from absl import logging
 from ml_collections import config_flags
 
-from vit_flax import checkpoints
 from vit_flax import config as config_lib
 from vit_flax import config_files
 
@@ -36,8 +35,11 @@ flags.mark_flags_as_required(['config'])
 def main(argv: list[str]) -> None:
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
+  from vit_flax import checkpoints  # pylint: disable=g-import-not-at-top
+  from vit_flax import input_pipeline  # pylint: disable=g-import-not-at-top
   from vit_flax import loops  # pylint: disable=g-import-not-at-top
   from vit_flax import multihost  # pylint: disable=g-import-not-at-top
+  from vit_flax import pretrained  # pylint: disable=g-import-not-at-top
   from vit_flax import rundir  # pylint: disable=g-import-not-at-top
   from vit_flax import train  # pylint: disable=g-import-not-at-top
   try:
@@ -54,8 +56,9 @@ def main(argv: list[str]) -> None:
     train.train_and_evaluate(_CONFIG.value, _WORKDIR.value or os.path.join('runs', name))
   except config_lib.ConfigError as e:
     raise app.UsageError(str(e)) from None
-  except (OSError, rundir.WorkdirBusyError, checkpoints.CheckpointMismatchError,
-          checkpoints.CheckpointError, train.TrainingDivergedError) as e:
+  except (OSError, input_pipeline.DataError, pretrained.PretrainedError, rundir.WorkdirBusyError,
+          checkpoints.CheckpointMismatchError, checkpoints.CheckpointError,
+          train.TrainingDivergedError) as e:
     sys.exit(f'Error: {e}')  # One line on stderr, exit status 1.
   except train.TrainingStopped as e:
     print(e)  # One line: where the run stopped and how to resume.

@@ -38,7 +38,7 @@ def field_defaults(name: str) -> dict[str, Any]:
   if name not in MODELS:
     raise ValueError(f'Unknown model name {name!r}; expected one of {sorted(MODELS)}.')
   if name == 'vit':
-    raise ValueError("'vit' uses scenic's nested schema (config.MODEL_DEFAULTS), not fields.")
+    raise ValueError("'vit' uses scenic's nested schema (MODEL_DEFAULTS), not fields.")
   return {f.name: f.default for f in dataclasses.fields(MODELS[name])
           if f.name not in NOT_CONFIG_FIELDS and f.default is not dataclasses.MISSING}
 

@@ -201,3 +201,18 @@ def check_workdir(workdir: str, checkpoint_bytes: int = 0) -> None:
     raise OSError(f'{workdir} has {free / 2**20:,.0f} MiB free, less than two checkpoints need '
                   f'({2 * checkpoint_bytes / 2**20:,.0f} MiB): free some space or pick another '
                   'workdir.')
+
+
+def time_to_accuracy(records: list[dict[str, Any]], thresholds: Any, batch_size: int
+                     ) -> list[dict[str, Any]]:
+  """For each threshold, the first validation (raw or EMA) at or above it: step, wall time and
+  images seen, or None where it was never reached."""
+  out = []
+  for threshold in thresholds:
+    hit = next((r for r in records
+                if max(r.get('valid_accuracy', -1), r.get('valid_ema_accuracy', -1)) >= threshold),
+               None)
+    out.append({'accuracy': threshold, 'step': hit and hit['step'],
+                'wall_time_s': hit and hit['wall_time_s'],
+                'images_seen': hit and hit['step'] * batch_size})
+  return out

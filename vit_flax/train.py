@@ -30,6 +30,7 @@ from vit_flax import models
 from vit_flax import multihost
 from vit_flax import optim
 from vit_flax import preemption
+from vit_flax import pretrained
 from vit_flax import rundir
 from vit_flax import steps
 
@@ -84,22 +85,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   """
   config = config_lib.resolve(config, num_devices=jax.device_count())
   workdir = os.path.abspath(workdir)
-  rundir.check_workdir(workdir, _checkpoint_bytes(config) if config.checkpoint else 0)
+  rundir.check_workdir(workdir, checkpoints.size_of(config) if config.checkpoint else 0)
   with _workdir_lock(workdir):
     return _train_and_evaluate(config, workdir)
-
-
-def _checkpoint_bytes(config: ml_collections.ConfigDict) -> int:
-  """The size of one checkpoint of `config`'s model (0 when its dataset is not known by name)."""
-  info = input_pipeline.DATASETS.get(config.dataset_name.split(':')[0])
-  shape = input_pipeline.image_shape(config.dataset_name, config.dataset_configs)
-  if info is None or shape is None:
-    return 0
-  model = models.build_model(config.model, info.num_classes)
-  key = jax.random.key(0)
-  abstract = jax.eval_shape(lambda: model.init(key, jnp.zeros((1, *shape)), train=False))
-  num_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(abstract['params']))
-  return checkpoints.checkpoint_bytes(num_params, ema=bool(config.ema_decay), optimizer=config.optimizer)
 
 
 @contextlib.contextmanager
@@ -191,6 +179,8 @@ def _setup(config: ml_collections.ConfigDict, workdir: str, ds: input_pipeline.D
   if start_step > total_steps:
     raise ValueError(f'The checkpoint in {workdir} is at step {start_step}, past this '
                      f"config's {total_steps} steps; use another workdir.")
+  if restored is None and config.init_from is not None:
+    state = _initialise_from(config, state, ds, mesh)
   segments.append({'start_step': start_step, 'end_step': start_step,
                    'devices': jax.device_count(), 'processes': jax.process_count(),
                    'device_kind': jax.devices()[0].device_kind})
@@ -203,6 +193,25 @@ def _setup(config: ml_collections.ConfigDict, workdir: str, ds: input_pipeline.D
               start_step=start_step,
               wall_time=lambda: wall_offset + time.time() - run_start, period=period,
               num_params=num_params, gflops=gflops, segments=segments)
+
+
+def _initialise_from(config: ml_collections.ConfigDict, state: steps.TrainState,
+                     ds: input_pipeline.Dataset, mesh: Any) -> steps.TrainState:
+  """The state with `config.init_from`'s pretrained parameters (scenic's init_from surgery)."""
+  f = config.init_from
+  params = pretrained.load_pretrained(
+      f.checkpoint_path, checkpoint_format=f.checkpoint_format, model_config=config.model,
+      num_classes=ds.num_classes, image_size=ds.image_shape[:2],
+      init_params=jax.device_get(state.params),
+      source_model_config=f.model_config.to_dict() if f.model_config else None,
+      restore_head=f.restore_head, restore_positional_embedding=f.restore_positional_embedding,
+      restore_input_embedding=f.restore_input_embedding,
+      positional_embed_size_change=f.positional_embed_size_change,
+      posemb_interpolation=f.posemb_interpolation)
+  params = loops.replicate(params, mesh)
+  logging.info('Initialised from the %s checkpoint %s.', f.checkpoint_format, f.checkpoint_path)
+  return state.replace(params=params, ema_params=None if state.ema_params is None else
+                       jax.tree.map(jnp.copy, params))
 
 
 def _teacher(config: ml_collections.ConfigDict, ds: input_pipeline.Dataset
@@ -373,7 +382,7 @@ def _summarise(run: _Run, step: int, chunk_times: list[tuple[int, float]]) -> di
       'test_accuracy': test[0]['test_accuracy'], 'test_loss': test[0]['test_loss'],
       **{k: v for k, v in test[0].items() if k.startswith('test_ema_')},
       'best': _best_summary(run, step),
-      'time_to_accuracy': time_to_accuracy(records, run.config.accuracy_thresholds,
+      'time_to_accuracy': rundir.time_to_accuracy(records, run.config.accuracy_thresholds,
                                            run.config.batch_size),
       'num_params': run.num_params, 'gflops_per_image': run.gflops,
       'gflops_per_image_counting': 'XLA cost analysis, forward pass at batch 1, a multiply-add '
@@ -405,21 +414,6 @@ def _best_summary(run: _Run, step: int) -> dict[str, Any] | None:
   test = _log_eval(run, step, 'test', state=state, log=False)
   return {'step': meta['step'], 'params': meta['params'], 'valid_accuracy': meta['valid_accuracy'],
           'test_accuracy': test[0]['test_accuracy'], 'test_loss': test[0]['test_loss']}
-
-
-def time_to_accuracy(records: list[dict[str, Any]], thresholds: Any, batch_size: int
-                     ) -> list[dict[str, Any]]:
-  """For each threshold, the first validation (raw or EMA) at or above it: step, wall time and
-  images seen, or None where it was never reached."""
-  out = []
-  for threshold in thresholds:
-    hit = next((r for r in records
-                if max(r.get('valid_accuracy', -1), r.get('valid_ema_accuracy', -1)) >= threshold),
-               None)
-    out.append({'accuracy': threshold, 'step': hit and hit['step'],
-                'wall_time_s': hit and hit['wall_time_s'],
-                'images_seen': hit and hit['step'] * batch_size})
-  return out
 
 
 def _duration(seconds: float) -> str:
