@@ -179,3 +179,16 @@ def test_streamed_imagenet(tmp_path):
   np.testing.assert_allclose(batch['inputs'], again['inputs'])  # Same seed, same stream.
   assert [b['mask'].tolist() for b in test_batches] == [[1, 1], [1, 1], [1, 0]]
   assert all(b['inputs'].shape == (2, 32, 32, 3) for b in test_batches)
+
+
+def test_image_size_resizes_in_memory_data_once_and_image_shape_agrees(tmp_path):
+  """dataset_configs.image_size: the model sees size x size images (fine-tuning at 2x)."""
+  data = _idx_dir(tmp_path)
+  config = _config('fashion_mnist', idx_dir=str(tmp_path), validation_size=6, image_size=56)
+  ds = ip.load_dataset(config)
+  assert ds.image_shape == (56, 56, 1) == ip.image_shape('fashion_mnist', config.dataset_configs)
+  assert ds.train_images.shape == (24, 56, 56, 1) and ds.train_images.dtype == np.uint8
+  assert ds.test_images.shape == (10, 56, 56, 1)
+  # Bilinear 2x of a constant image is that constant; of real images, the mean is kept.
+  np.testing.assert_allclose(ds.test_images.mean(), data['test'][0].mean(), atol=1.0)
+  assert ip.image_shape('imagenet2012', ip.DATASET_CONFIG_DEFAULTS) == (224, 224, 3)

@@ -196,6 +196,9 @@ def _check_values(c: dict[str, Any], num_devices: int | None, errors: list[str])
   padding = dc.get('crop_padding')
   if not (isinstance(padding, int) and not isinstance(padding, bool) and padding >= 0):
     errors.append(f'dataset_configs.crop_padding must be an int >= 0, got {padding!r}')
+  size = dc.get('image_size')
+  if size is not None and not (isinstance(size, int) and not isinstance(size, bool) and size >= 1):
+    errors.append(f'dataset_configs.image_size must be a positive int or None, got {size!r}')
   crop = dc.get('random_resized_crop')
   if crop is not None and not (isinstance(crop, (int, float)) and 0.0 < crop <= 1.0):
     errors.append(f'dataset_configs.random_resized_crop must be in (0, 1] or None, got {crop!r}')

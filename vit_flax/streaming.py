@@ -15,13 +15,13 @@ import numpy as np
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
-from vit_flax.input_pipeline import DATASETS, DataError, Dataset
+from vit_flax.input_pipeline import DATASETS, STREAMED_IMAGE_SIZE, DataError, Dataset
 
 
 def streamed(builder, splits: dict, dc: dict, source: str, image_key: str, label_key: str,
               num_classes: int) -> Dataset:
   """A tf.data Dataset with scenic's ImageNet preprocessing (scenic's dataset_lib/imagenet_dataset.py)."""
-  size, v = dc['image_size'], dc['validation_size']
+  size, v = dc['image_size'] or STREAMED_IMAGE_SIZE, dc['validation_size']
   name = builder.name
   if getattr(builder.info.features[image_key], 'encoding_format', None) != 'jpeg':
     raise DataError(f'{name}: streaming supports JPEG-encoded images only (its image shape '
