@@ -17,7 +17,8 @@ def _images(batch=8, size=8, channels=3):
 
 def test_preprocess_normalises_and_eval_ignores_augmentation():
   images = _images()
-  mean, std = np.array((ip.DATASETS['cifar10'].mean, ip.DATASETS['cifar10'].std)[0]), np.array((ip.DATASETS['cifar10'].mean, ip.DATASETS['cifar10'].std)[1])
+  info = ip.DATASETS['cifar10']
+  mean, std = np.array(info.mean), np.array(info.std)
   expected = (images / 255.0 - mean) / std
   out = augment.preprocess(images, jax.random.key(0), train=False, dataset='cifar10', crop_padding=4,
                       random_flip=True)

@@ -18,6 +18,7 @@ import ml_collections
 from vit_flax import checkpoint_formats
 from vit_flax import input_pipeline
 from vit_flax import models
+from vit_flax import moving_digits
 from vit_flax import resample
 from vit_flax import schema
 from vit_flax.schema import REQUIRED, ConfigError
@@ -65,7 +66,8 @@ DEFAULTS = {
 # on resume); keys INIT_FROM_DEFAULTS. None: train from scratch.
 INIT_FROM_DEFAULTS = {
     'checkpoint_path': REQUIRED,  # A file or directory of checkpoint_format.
-    'checkpoint_format': 'vit_flax',  # vit_flax (a run directory) | scenic | vit_jax | big_vision | timm
+    # vit_flax (a run directory or one checkpoint step) | scenic | vit_jax | big_vision | timm
+    'checkpoint_format': 'vit_flax',
     'model_config': None,  # What the file cannot tell about the source model (config.model keys).
     'restore_head': False,  # Keep a source head of the same shape (scenic: always a fresh head).
     'restore_positional_embedding': True,
@@ -119,9 +121,14 @@ def resolve(config: ml_collections.ConfigDict, *, num_devices: int | None = None
     raise ConfigError('Invalid config: ' + '; '.join(errors) + '.')
   c['dataset_configs'] = schema.merge(input_pipeline.DATASET_CONFIG_DEFAULTS,
                                 schema.as_dict(c['dataset_configs']), 'dataset_configs.', errors)
+  if c['dataset_name'] in moving_digits.DATASETS:
+    c['dataset_configs']['moving_digits'] = schema.merge(
+        moving_digits.DEFAULTS, schema.as_dict(c['dataset_configs']['moving_digits']),
+        'dataset_configs.moving_digits.', errors)
   if c['optimizer'] in OPTIMIZER_DEFAULTS:
     c['optimizer_configs'] = schema.merge(OPTIMIZER_DEFAULTS[c['optimizer']],
-                                    schema.as_dict(c['optimizer_configs']), 'optimizer_configs.', errors)
+                                          schema.as_dict(c['optimizer_configs']),
+                                          'optimizer_configs.', errors)
   else:
     errors.append(f'optimizer must be one of {sorted(OPTIMIZER_DEFAULTS)}, got {c["optimizer"]!r}')
   c['lr_configs'] = _resolve_lr_configs(schema.as_dict(c['lr_configs']), errors)
@@ -129,7 +136,8 @@ def resolve(config: ml_collections.ConfigDict, *, num_devices: int | None = None
     c['distillation'] = schema.merge(DISTILLATION_DEFAULTS, schema.as_dict(c['distillation']),
                                'distillation.', errors)
   if c['init_from'] is not None:
-    c['init_from'] = schema.merge(INIT_FROM_DEFAULTS, schema.as_dict(c['init_from']), 'init_from.', errors)
+    c['init_from'] = schema.merge(INIT_FROM_DEFAULTS, schema.as_dict(c['init_from']),
+                                  'init_from.', errors)
   c['model'] = models.resolve_model(c['model'], errors)
   for key in ('eval_batch_size',):
     c[key] = c[key] or c['batch_size']
@@ -196,6 +204,17 @@ def _check_values(c: dict[str, Any], num_devices: int | None, errors: list[str])
   padding = dc.get('crop_padding')
   if not (isinstance(padding, int) and not isinstance(padding, bool) and padding >= 0):
     errors.append(f'dataset_configs.crop_padding must be an int >= 0, got {padding!r}')
+  if c['dataset_name'] in moving_digits.DATASETS:
+    errors += moving_digits.check(dc['moving_digits'])
+    image_ops = ('crop_padding', 'random_flip', 'random_resized_crop', 'trivial_augment',
+                 'image_size')
+    errors += [f'dataset_configs.{k} is for images; clips ({c["dataset_name"]}) take none'
+               for k in image_ops if dc.get(k)]
+    errors += [f'{k} is for images; clips ({c["dataset_name"]}) take none'
+               for k in ('mixup_alpha', 'cutmix_alpha') if c[k]]
+  elif dc.get('moving_digits') is not None:
+    errors.append(f'dataset_configs.moving_digits is for {sorted(moving_digits.DATASETS)}, not '
+                  f'{c["dataset_name"]!r}')
   size = dc.get('image_size')
   if size is not None and not (isinstance(size, int) and not isinstance(size, bool) and size >= 1):
     errors.append(f'dataset_configs.image_size must be a positive int or None, got {size!r}')

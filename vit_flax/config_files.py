@@ -18,7 +18,7 @@ from vit_flax.config import ConfigError
 
 def load_config_file(path: str | os.PathLike, arg: str | None = None
                      ) -> ml_collections.ConfigDict:
-  """Runs a config file's `get_config([arg])`; `path` may name a shipped config (see config_path)."""
+  """Runs a config file's `get_config([arg])`; `path` may name a shipped config (config_path)."""
   path = config_path(str(path))
   spec = importlib.util.spec_from_file_location(f'_vit_flax_config_{path.stem}', path)
   module = importlib.util.module_from_spec(spec)

@@ -29,8 +29,11 @@ from typing import Any
 from typing import NamedTuple
 
 from absl import logging
+import ml_collections
 import numpy as np
 import tensorflow_datasets as tfds
+
+from vit_flax import moving_digits
 
 
 class DataError(RuntimeError, ValueError):
@@ -61,6 +64,10 @@ DATASETS = {
     'cifar100': DatasetInfo((32, 32, 3), 100, (0.5071, 0.4865, 0.4409),
                             (0.2673, 0.2564, 0.2762)),
     'imagenet2012': DatasetInfo(None, 1000, (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
+    # Clips made on load from MNIST / Fashion-MNIST (`moving_digits`); shape and mean/std follow
+    # dataset_configs.moving_digits.
+    **{name: DatasetInfo(None, len(moving_digits.DIRECTIONS), (0.0,), (1.0,),
+                         moving_digits.DIRECTIONS) for name in moving_digits.DATASETS},
 }
 # Every key of `config.dataset_configs` with its default; any other key is an error.
 DATASET_CONFIG_DEFAULTS = {
@@ -78,6 +85,8 @@ DATASET_CONFIG_DEFAULTS = {
     # (bilinear, antialiased); streamed ones are cropped and resized to it. None: the dataset's own
     # size (224 for streamed datasets).
     'image_size': None,
+    # moving_mnist / moving_fashion_mnist: keys of moving_digits.DEFAULTS (None: those defaults).
+    'moving_digits': None,
 }
 DEBIAN_FASHION_MNIST_DIR = '/usr/share/datasets/fashion-mnist'
 IDX_FILES = {  # split -> (images, labels) base names; '.gz' is optional.
@@ -123,6 +132,10 @@ def load_dataset(config) -> Dataset:
   name = config.dataset_name
   base = name.split(':')[0]  # 'mnist:3.0.1' -> 'mnist'
   dc = config.dataset_configs  # Resolved: every key present (config.resolve).
+  if base in moving_digits.DATASETS:  # Clips of the images of another dataset.
+    images = load_dataset(ml_collections.ConfigDict(
+        {'dataset_name': moving_digits.DATASETS[base], 'dataset_configs': dc.to_dict()}))
+    return _log(moving_digits.moving_digits(images, dc['moving_digits'], base))
   tried = []
   for key in ('data_dir', 'idx_dir'):  # A directory the user names must exist: no silent switch.
     if dc[key] is not None and not os.path.isdir(dc[key]):
@@ -159,7 +172,8 @@ def load_dataset(config) -> Dataset:
   elif builder is not None:
     try:
       builder.download_and_prepare()
-      return _log(_resized(_from_tfds(builder, dc, f'tfds:{builder.data_dir} (downloaded)'), dc['image_size']))
+      ds = _from_tfds(builder, dc, f'tfds:{builder.data_dir} (downloaded)')
+      return _log(_resized(ds, dc['image_size']))
     except Exception as e:  # pylint: disable=broad-except
       first_line = (str(e).splitlines() or [''])[0][:200]
       tried.append(f'TFDS download ({type(e).__name__}: {first_line})')
@@ -181,6 +195,9 @@ def image_shape(name: str, dataset_configs: Mapping[str, Any]) -> tuple[int, int
   info = DATASETS.get(name.split(':')[0])
   if info is None:
     return None
+  if name in moving_digits.DATASETS:
+    return moving_digits.clip_shape({**moving_digits.DEFAULTS,
+                                     **(dataset_configs['moving_digits'] or {})})
   size = dataset_configs['image_size']
   if info.image_shape is None:
     return (size or STREAMED_IMAGE_SIZE,) * 2 + (3,)

@@ -49,12 +49,12 @@ class PatchEmbedding(nn.Module):
   features: int
   patch_size: tuple[int, ...]  # (ph, pw) for images; (pt, ph, pw) for clips.
   dtype: Dtype = jnp.float32
+  kernel_init: nn.initializers.Initializer = nn.initializers.lecun_normal()  # nn.Conv's default.
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
     p, c = tuple(self.patch_size), x.shape[-1]
-    kernel = self.param('kernel', nn.initializers.lecun_normal(), (*p, c, self.features),
-                        jnp.float32)
+    kernel = self.param('kernel', self.kernel_init, (*p, c, self.features), jnp.float32)
     bias = self.param('bias', nn.initializers.zeros, (self.features,), jnp.float32)
     sizes = x.shape[1:-1]
     if len(sizes) != len(p) or any(s % q for s, q in zip(sizes, p)):

@@ -92,7 +92,7 @@ def evaluate_arrays(state: TrainState, images: jax.Array, labels: jax.Array, mas
 
 def pad_to_batch(images: np.ndarray, labels: np.ndarray, batch_size: int
                  ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-  """Pads to whole batches; returns images [n, B, ...], labels [n, B] and mask [n, B] (0: padding)."""
+  """Pads to whole batches: images [n, B, ...], labels [n, B] and mask [n, B] (0 on padding)."""
   n = len(images)
   pad = -n % batch_size
   mask = np.concatenate([np.ones(n, np.float32), np.zeros(pad, np.float32)])

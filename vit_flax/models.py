@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from vit_flax import cait, deit, mixer, schema, swin, vit, xcit
+from vit_flax import cait, deit, mixer, schema, swin, video, vit, xcit
 from vit_flax.schema import REQUIRED
 
 MODELS: dict[str, type[nn.Module]] = {
@@ -97,13 +97,23 @@ MODEL_DEFAULTS = {
     'tokenizer': None,
     'approximate_gelu': True,  # tanh GELU (scenic, vit_jax, big_vision); False: exact (timm).
     'pooled_norm': False,  # The final LayerNorm on the pooled vector (timm's fc_norm).
+    'use_concat_final': False,  # scenic's: the head sees the final tokens concatenated.
 }
-TOKENIZER_DEFAULTS = {'type': 'patch', 'patches': None}
-# tokenizer keys read when type == 'dynamic' (allowed, and unread, for 'patch', so one config can
-# switch its learner off with --config.model.tokenizer.type=patch).
+# type: 'patch' (ViT), 'dynamic' (TokenLearner) or 'video' (clips; a learner per frame when
+# tokenlearner_loc is set). patches.size: [h, w] ('patch', 'dynamic', 'temporal_sampling') or
+# [h, w, t] ('3d_conv'), scenic's order.
+TOKENIZER_DEFAULTS = {'type': 'patch', 'patches': None, 'temporal_encoding_config': None}
+# tokenizer keys read when type == 'dynamic' or 'video' (allowed, and unread, for 'patch', so one
+# config can switch its learner off with --config.model.tokenizer.type=patch).
 LEARNER_DEFAULTS = {
     'num_tokens': 8, 'tokenlearner_loc': None, 'use_v11': True, 'use_tokenfuse': False}
 LEARNER_KEYS = tuple(LEARNER_DEFAULTS)
+# tokenizer.temporal_encoding_config (type 'video'), ViViT's keys.
+TEMPORAL_ENCODING_DEFAULTS = {
+    'method': REQUIRED,  # '3d_conv' (tubelets) | 'temporal_sampling' (frames, 2-D patches)
+    'kernel_init_method': None,  # '3d_conv': central_frame_initializer | average_frame_initializer
+    'n_sampled_frames': None,  # 'temporal_sampling': frames kept (uniformly).
+}
 
 
 def resolve_model(model_config: Any, errors: list[str] | None = None) -> dict[str, Any]:
@@ -123,14 +133,14 @@ def resolve_model(model_config: Any, errors: list[str] | None = None) -> dict[st
   model = schema.merge(MODEL_DEFAULTS, given, 'model.', errors)
   tokenizer = schema.as_dict(model['tokenizer'])
   tok_type = tokenizer.get('type', 'patch')
-  tokenizer = schema.merge(dict(TOKENIZER_DEFAULTS, **LEARNER_DEFAULTS), tokenizer, 'model.tokenizer.',
-                     errors)
+  tokenizer = schema.merge(dict(TOKENIZER_DEFAULTS, **LEARNER_DEFAULTS), tokenizer,
+                           'model.tokenizer.', errors)
   if tok_type == 'dynamic' and tokenizer['tokenlearner_loc'] is None:
     errors.append("model.tokenizer.tokenlearner_loc is needed by tokenizer.type 'dynamic'")
   if tok_type not in vit.TOKENIZER_TYPES:
     errors.append(f'model.tokenizer.type must be one of {vit.TOKENIZER_TYPES}, got {tok_type!r}')
-  patches = schema.merge({'size': None}, schema.as_dict(tokenizer['patches']), 'model.tokenizer.patches.',
-                   errors)
+  patches = schema.merge({'size': None}, schema.as_dict(tokenizer['patches']),
+                         'model.tokenizer.patches.', errors)
   sizes = {}
   if model['variant']:
     try:
@@ -144,6 +154,8 @@ def resolve_model(model_config: Any, errors: list[str] | None = None) -> dict[st
   if isinstance(size, int):
     size = (size, size)
   patches['size'] = tuple(size) if size is not None else None
+  if tok_type == 'video':
+    tokenizer['temporal_encoding_config'] = _resolve_temporal(tokenizer, patches['size'], errors)
   missing = [k for k in ('hidden_size', 'num_layers', 'num_heads', 'mlp_dim') if model[k] is None]
   missing += ['tokenizer.patches.size'] if patches['size'] is None else []
   if missing:
@@ -153,6 +165,28 @@ def resolve_model(model_config: Any, errors: list[str] | None = None) -> dict[st
   if own and errors:
     raise schema.ConfigError('Invalid model config: ' + '; '.join(errors) + '.')
   return model
+
+
+def _resolve_temporal(tokenizer: dict[str, Any], size: tuple[int, ...] | None,
+                      errors: list[str]) -> dict[str, Any]:
+  """A 'video' tokenizer's temporal_encoding_config, defaults filled and sizes checked."""
+  given = tokenizer['temporal_encoding_config']
+  if given is None:
+    errors.append("model.tokenizer.temporal_encoding_config is needed by tokenizer.type 'video'")
+    return given
+  encoding = schema.merge(TEMPORAL_ENCODING_DEFAULTS, schema.as_dict(given),
+                          'model.tokenizer.temporal_encoding_config.', errors)
+  method = encoding['method']
+  want = {'3d_conv': 3, 'temporal_sampling': 2}.get(method)
+  if want is None:
+    errors.append(f'model.tokenizer.temporal_encoding_config.method must be one of '
+                  f'{video.TEMPORAL_ENCODINGS}, got {method!r}')
+  elif size is not None and len(size) != want:
+    errors.append(f"model.tokenizer.patches.size must have {want} entries for {method!r} "
+                  f"({'[h, w, t]' if want == 3 else '[h, w]'}), got {list(size)}")
+  if method == 'temporal_sampling' and encoding['n_sampled_frames'] is None:
+    errors.append("temporal_encoding_config.n_sampled_frames is needed by 'temporal_sampling'")
+  return encoding
 
 
 def _resolve_family(given: dict[str, Any], errors: list[str]) -> dict[str, Any]:
@@ -174,12 +208,20 @@ def model_kwargs(model_config: Any) -> dict[str, Any]:
   tok = m['tokenizer']
   kw = {k: m[k] for k in ('hidden_size', 'num_layers', 'num_heads', 'mlp_dim', 'classifier',
                           'representation_size', 'positional_embedding', 'approximate_gelu',
-                          'pooled_norm')}
-  kw.update(patch_size=tuple(int(s) for s in tok['patches']['size']),
-            dropout_rate=float(m['dropout_rate']),
+                          'pooled_norm', 'use_concat_final')}
+  size = tuple(int(s) for s in tok['patches']['size'])
+  kw.update(patch_size=size[:2], dropout_rate=float(m['dropout_rate']),
             attention_dropout_rate=float(m['attention_dropout_rate']),
             stochastic_depth=float(m['stochastic_depth']))
-  if tok['type'] == 'dynamic':
+  if tok['type'] == 'video':
+    encoding = tok['temporal_encoding_config']
+    kw.update(temporal_encoding=encoding['method'],
+              kernel_init_method=encoding['kernel_init_method'])
+    if len(size) == 3:
+      kw['tubelet_frames'] = size[2]
+    if encoding['n_sampled_frames'] is not None:
+      kw['n_sampled_frames'] = int(encoding['n_sampled_frames'])
+  if tok['type'] == 'dynamic' or (tok['type'] == 'video' and tok['tokenlearner_loc'] is not None):
     kw.update(tokenlearner_loc=int(tok['tokenlearner_loc']), num_tokens=int(tok['num_tokens']),
               use_v11=bool(tok['use_v11']), use_tokenfuse=bool(tok['use_tokenfuse']))
   return kw
@@ -222,7 +264,7 @@ def with_tokenlearner(config: ml_collections.ConfigDict, enabled: bool, *,
                       num_tokens: int | None = None,
                       tokenlearner_loc: int | None = None) -> ml_collections.ConfigDict:
   """A copy of `config` whose model has its TokenLearner (ViT: tokenizer 'dynamic') or not
-  ('patch'); for the other families, `tokenlearner_loc` set or None.
+  ('patch'); for clips (tokenizer 'video') and the other families, `tokenlearner_loc` set or None.
 
   Nothing else changes: a 'patch' model keeps (and ignores) the learner's tokenizer keys.
   """
@@ -240,9 +282,16 @@ def with_tokenlearner(config: ml_collections.ConfigDict, enabled: bool, *,
         config.model.num_tokens = num_tokens
       return config
     tokenizer = config.model.tokenizer
-    tokenizer.type = 'dynamic' if enabled else 'patch'
     if num_tokens is not None:
       tokenizer.num_tokens = num_tokens
     if tokenlearner_loc is not None:
       tokenizer.tokenlearner_loc = tokenlearner_loc
+    if tokenizer.get('type') == 'video':  # Clips: the learner is on when it has a place.
+      if enabled and tokenizer.get('tokenlearner_loc') is None:
+        raise schema.ConfigError('model.tokenizer.tokenlearner_loc is needed to add a '
+                                 'TokenLearner.')
+      if not enabled:
+        tokenizer.tokenlearner_loc = None
+    else:
+      tokenizer.type = 'dynamic' if enabled else 'patch'
   return config

@@ -33,7 +33,8 @@ def check_flags(coordinator_address: str | None, num_processes: int | None,
         '--coordinator_address, --num_processes and --process_id go together: give all three.')
   if not re.fullmatch(r'[^\s:]+:\d{1,5}', coordinator_address):
     raise DistributedConfigError(
-        f'--coordinator_address must be HOST:PORT (e.g. 10.0.0.2:1234), got {coordinator_address!r}.')
+        f'--coordinator_address must be HOST:PORT (e.g. 10.0.0.2:1234), got '
+        f'{coordinator_address!r}.')
   if num_processes < 1:
     raise DistributedConfigError(f'--num_processes must be >= 1, got {num_processes}.')
   if not 0 <= process_id < num_processes:

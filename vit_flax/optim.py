@@ -1,4 +1,5 @@
-"""Optimizers, learning-rate schedules and losses (scenic's train_lib/optimizers.py, lr_schedules.py).
+"""Optimizers, learning-rate schedules and losses (scenic's train_lib/optimizers.py and
+lr_schedules.py).
 
 Every function reads a config resolved by `config.resolve`, so all keys are present.
 """

@@ -38,6 +38,7 @@ from vit_flax import config as config_lib
 from vit_flax import models
 from vit_flax.checkpoint_formats import FORMATS, KNOWN_PATH, POSEMB, PretrainedError
 from vit_flax.layers import posemb_sincos_2d
+from vit_flax import resample
 from vit_flax.resample import INTERPOLATIONS, SIZE_CHANGES, resize_posemb
 
 
@@ -184,7 +185,8 @@ def load_pretrained(path: str, *, checkpoint_format: str, model_config: Any, num
                     restore_input_embedding: bool = True,
                     positional_embed_size_change: str = 'resize',
                     posemb_interpolation: str = 'bilinear',
-                    keep_init: Sequence[str] = ()) -> dict[str, Any]:
+                    keep_init: Sequence[str] = (), num_frames: int | None = None
+                    ) -> dict[str, Any]:
   """Params for `build_model(model_config, num_classes)` at `image_size`, from a checkpoint.
 
   Args:
@@ -206,6 +208,10 @@ def load_pretrained(path: str, *, checkpoint_format: str, model_config: Any, num
     posemb_interpolation: 'bilinear' (vit_jax, scenic) | 'bicubic' (timm).
     keep_init: regexes of '/'-joined parameter paths that keep the init's values (big_vision's
       `dont_load`), e.g. 'Transformer/encoderblock_11/.*'.
+    num_frames: frames per clip of a video target (tokenizer.type 'video'); an image source's
+      2-D patch kernel is then inflated to the tubelet by the target's kernel_init_method
+      (default 'average_frame_initializer') and its position embedding tiled over time
+      (positional_embed_size_change 'tile' or 'resize_tile').
 
   Returns:
     The params tree (float arrays with init_params' dtypes).
@@ -232,7 +238,9 @@ def load_pretrained(path: str, *, checkpoint_format: str, model_config: Any, num
     given.setdefault('num_heads', target['num_heads'])
   ckpt = read_checkpoint(path, checkpoint_format, source_model_config=given,
                          source_grid_size=source_grid_size)
-  init = _init_params(model, init_params, (height, width), num_channels or ckpt.num_channels)
+  frames = () if num_frames is None else (num_frames,)
+  init = _init_params(model, init_params, (*frames, height, width),
+                      num_channels or ckpt.num_channels)
   if ckpt.model['approximate_gelu'] != target['approximate_gelu']:
     logging.warning('%s computes %s GELU, the target model %s (model.approximate_gelu): outputs '
                     'differ from the source until fine-tuned.', ckpt.description,
@@ -247,9 +255,12 @@ def load_pretrained(path: str, *, checkpoint_format: str, model_config: Any, num
       {tuple(k.split('/')): jnp.asarray(v) for k, v in merged.items()})
 
 
-def _init_params(model, init_params: Any, image_hw: tuple[int, int],
+def _init_params(model, init_params: Any, image_hw: tuple[int, ...],
                  channels: int) -> dict[str, Any]:
-  """Flat init params: `init_params` checked against the model, else a fresh seed-0 init."""
+  """Flat init params: `init_params` checked against the model, else a fresh seed-0 init.
+
+  `image_hw` is (H, W) of images, or (T, H, W) of clips.
+  """
   if init_params is None:
     images = jnp.zeros((1, *image_hw, channels), jnp.float32)
     init = jax.jit(lambda x: model.init(jax.random.key(0), x, train=False)['params'])
@@ -258,7 +269,7 @@ def _init_params(model, init_params: Any, image_hw: tuple[int, int],
     init_params = init_params['params']
   flat = formats.flatten_params(init_params)
   kernel = flat.get('embedding/kernel')
-  channels = kernel.shape[2] if kernel is not None else channels
+  channels = kernel.shape[-2] if kernel is not None else channels
   images = jax.ShapeDtypeStruct((1, *image_hw, channels), jnp.float32)
   abstract = jax.eval_shape(lambda x: model.init(jax.random.key(0), x, train=False), images)
   expected = {k: v.shape for k, v in
@@ -312,6 +323,10 @@ def merge_checkpoint(ckpt: Checkpoint, init: dict[str, np.ndarray], target: dict
                         'False keeps the init)')
         continue
     elif path == 'embedding/kernel' and value is not None:
+      if value.ndim == 4 and init_value.ndim == 5:  # An image kernel for a tubelet (scenic).
+        value = resample.inflate_patch_kernel(
+            value, init_value.shape[0],
+            target.get('kernel_init_method') or 'average_frame_initializer')
       value = _adapt_channels(value, init_value.shape)
     if value is None:
       if category in ('trunk', 'embedding'):
@@ -342,8 +357,8 @@ def _adapt_channels(kernel: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
 
   Summing makes a grey image embed exactly as its RGB replica (grey in every channel) did.
   """
-  if kernel.shape[2] == 3 and shape[2] == 1 and kernel.shape[:2] == shape[:2]:
-    return kernel.sum(axis=2, keepdims=True)  # [ph, pw, 1, D]
+  if kernel.shape[-2] == 3 and shape[-2] == 1 and kernel.shape[:-2] == shape[:-2]:
+    return kernel.sum(axis=-2, keepdims=True)  # [(pt,) ph, pw, 1, D]
   return kernel
 
 

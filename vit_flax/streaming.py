@@ -20,7 +20,7 @@ from vit_flax.input_pipeline import DATASETS, STREAMED_IMAGE_SIZE, DataError, Da
 
 def streamed(builder, splits: dict, dc: dict, source: str, image_key: str, label_key: str,
               num_classes: int) -> Dataset:
-  """A tf.data Dataset with scenic's ImageNet preprocessing (scenic's dataset_lib/imagenet_dataset.py)."""
+  """A tf.data Dataset with scenic's ImageNet preprocessing (dataset_lib/imagenet_dataset.py)."""
   size, v = dc['image_size'] or STREAMED_IMAGE_SIZE, dc['validation_size']
   name = builder.name
   if getattr(builder.info.features[image_key], 'encoding_format', None) != 'jpeg':

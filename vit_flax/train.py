@@ -121,7 +121,8 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict
   if multihost.is_primary():
     rundir.write_config(config, workdir)
   summary_path = os.path.join(workdir, 'summary.json')
-  manager = checkpoints.make_manager(workdir, config.max_checkpoint_keep) if config.checkpoint else None
+  manager = (checkpoints.make_manager(workdir, config.max_checkpoint_keep) if config.checkpoint
+             else None)
   best_manager = checkpoints.make_best_manager(workdir) if config.checkpoint else None
   run = None
   try:
@@ -201,7 +202,8 @@ def _initialise_from(config: ml_collections.ConfigDict, state: steps.TrainState,
   f = config.init_from
   params = pretrained.load_pretrained(
       f.checkpoint_path, checkpoint_format=f.checkpoint_format, model_config=config.model,
-      num_classes=ds.num_classes, image_size=ds.image_shape[:2],
+      num_classes=ds.num_classes, image_size=ds.image_shape[-3:-1],
+      num_frames=ds.image_shape[0] if len(ds.image_shape) == 4 else None,
       init_params=jax.device_get(state.params),
       source_model_config=f.model_config.to_dict() if f.model_config else None,
       restore_head=f.restore_head, restore_positional_embedding=f.restore_positional_embedding,

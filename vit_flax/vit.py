@@ -20,12 +20,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from vit_flax.layers import AddPositionEmbs, Dtype, Encoder1DBlock, PatchEmbedding, posemb_sincos_2d
+from vit_flax import video
+from vit_flax.layers import (AddPositionEmbs, Dtype, Encoder1DBlock, PatchEmbedding,
+                             posemb_sincos_2d)
 from vit_flax.tokenlearner import TokenFuser, TokenLearnerModule, TokenLearnerModuleV11
 
 CLASSIFIERS = ('gap', 'gmp', 'gsp', 'token')
 POSITIONAL_EMBEDDINGS = ('learned_1d', 'sinusoidal_2d', 'none')
-TOKENIZER_TYPES = ('patch', 'dynamic')
+TOKENIZER_TYPES = ('patch', 'dynamic', 'video')
 
 # name: (hidden_size, num_layers, num_heads, mlp_dim), as in scenic's and vit_jax's configs.
 _VARIANTS = {
@@ -175,22 +177,40 @@ class ViT(nn.Module):
   use_tokenfuse: bool = False
   approximate_gelu: bool = True  # tanh GELU (scenic, vit_jax, big_vision); False: exact (timm).
   pooled_norm: bool = False  # LayerNorm `fc_norm` on the pooled vector (timm) instead of tokens.
+  # Clips [B, T, H, W, C] (scenic tokenizer.type 'video', see `video`): '3d_conv' (tubelets of
+  # tubelet_frames x patch_size) | 'temporal_sampling' (n_sampled_frames frames, 2-D patches);
+  # None: images [B, H, W, C].
+  temporal_encoding: str | None = None
+  tubelet_frames: int = 2  # ft of a '3d_conv' tubelet.
+  n_sampled_frames: int = 8  # Frames 'temporal_sampling' keeps.
+  kernel_init_method: str | None = None  # '3d_conv' kernel init (video.KERNEL_INIT_METHODS).
+  use_concat_final: bool = False  # The head sees the final tokens concatenated, not pooled.
   dtype: Dtype = jnp.float32  # Compute dtype; parameters stay float32.
 
   @nn.compact
   def __call__(self, images: jax.Array, *, train: bool = False) -> jax.Array:
-    check_vit(self, images.shape[1:] if images.ndim == 4 else None)
-    if images.ndim != 4:
-      raise ValueError(f'ViT expects NHWC images [B, H, W, C], got shape {images.shape}.')
+    clip = self.temporal_encoding is not None
+    if images.ndim != (5 if clip else 4):
+      expected = 'clips [B, T, H, W, C]' if clip else 'NHWC images [B, H, W, C]'
+      raise ValueError(f'ViT expects {expected}, got shape {images.shape}.')
+    check_vit(self, images.shape[1:])
     if not self.is_initializing():
       kernel = self.variables.get('params', {}).get('embedding', {}).get('kernel')
-      if kernel is not None and kernel.shape[2] != images.shape[3]:
-        raise ValueError(f'Images have {images.shape[3]} channels but the `embedding` kernel '
-                         f'expects {kernel.shape[2]}.')
-    x = PatchEmbedding(self.hidden_size, self.patch_size, self.dtype,
-                       name='embedding')(images)  # [B, h, w, D]
-    b, h, w, d = x.shape
-    x = x.reshape(b, h * w, d)  # [B, h*w, D]
+      if kernel is not None and kernel.shape[-2] != images.shape[-1]:
+        raise ValueError(f'Inputs have {images.shape[-1]} channels but the `embedding` kernel '
+                         f'expects {kernel.shape[-2]}.')
+    if clip:
+      x, t, (h, w) = video.temporal_encode(
+          images, method=self.temporal_encoding, patch_size=self.patch_size,
+          tubelet_frames=self.tubelet_frames, n_sampled_frames=self.n_sampled_frames,
+          hidden_size=self.hidden_size, kernel_init_method=self.kernel_init_method,
+          dtype=self.dtype)  # [B, t*h*w, D]
+      b, _, d = x.shape
+    else:
+      x = PatchEmbedding(self.hidden_size, self.patch_size, self.dtype,
+                         name='embedding')(images)  # [B, h, w, D]
+      b, h, w, d = x.shape
+      x, t = x.reshape(b, h * w, d), 1  # [B, h*w, D]
     if self.classifier == 'token':
       cls = self.param('cls', nn.initializers.zeros, (1, 1, d), jnp.float32)
       x = jnp.concatenate([jnp.tile(cls.astype(x.dtype), (b, 1, 1)), x], axis=1)  # [B, 1+h*w, D]
@@ -199,9 +219,12 @@ class ViT(nn.Module):
         self.attention_dropout_rate, self.stochastic_depth, self.positional_embedding,
         has_cls_token=self.classifier == 'token', tokenlearner_loc=self.tokenlearner_loc,
         num_tokens=self.num_tokens, use_v11=self.use_v11, use_tokenfuse=self.use_tokenfuse,
-        approximate_gelu=self.approximate_gelu, final_norm=not self.pooled_norm,
-        dtype=self.dtype, name='Transformer')(x, grid_hw=(h, w), train=train)  # [B, K, D]
-    if self.classifier == 'token':
+        temporal_dimensions=t, approximate_gelu=self.approximate_gelu,
+        final_norm=not self.pooled_norm, dtype=self.dtype,
+        name='Transformer')(x, grid_hw=(h, w), train=train)  # [B, K, D]
+    if self.use_concat_final:
+      x = x.reshape(b, -1)  # [B, K*D]: every final token, in order.
+    elif self.classifier == 'token':
       x = x[:, 0]  # [B, D]
     else:
       x = {'gap': jnp.mean, 'gmp': jnp.max, 'gsp': jnp.sum}[self.classifier](x, axis=1)  # [B, D]
@@ -243,12 +266,41 @@ def check_vit(m: ViT, image_shape: tuple[int, ...] | None = None) -> None:
                     f'{m.tokenlearner_loc}')
     if m.num_tokens < 1:
       errors.append(f'num_tokens must be >= 1, got {m.num_tokens}')
-  if image_shape is not None:
-    if len(image_shape) not in (2, 3):
+  errors += _video_errors(m, image_shape)
+  frame_shape = image_shape
+  if image_shape is not None and m.temporal_encoding is not None:
+    frame_shape = image_shape[1:] if len(image_shape) == 4 else None
+  if frame_shape is not None:
+    if len(frame_shape) not in (2, 3):
       errors.append(f'image shape must be (H, W) or (H, W, C), got {tuple(image_shape)}')
-    elif len(m.patch_size) == 2 and (image_shape[0] % m.patch_size[0] or
-                                     image_shape[1] % m.patch_size[1]):
-      errors.append(f'image size {tuple(image_shape[:2])} is not divisible by the patch size '
+    elif len(m.patch_size) == 2 and (frame_shape[0] % m.patch_size[0] or
+                                     frame_shape[1] % m.patch_size[1]):
+      errors.append(f'image size {tuple(frame_shape[:2])} is not divisible by the patch size '
                     f'{tuple(m.patch_size)}')
   if errors:
     raise ValueError('Invalid ViT configuration: ' + '; '.join(errors) + '.')
+
+
+def _video_errors(m: ViT, shape: tuple[int, ...] | None) -> list[str]:
+  """The problems of a video ViT (or of a clip given to an image ViT) with inputs of `shape`."""
+  if m.temporal_encoding is None:
+    return [f'a clip {tuple(shape)} needs a video tokenizer (tokenizer.type "video")'] if (
+        shape is not None and len(shape) == 4) else []
+  errors = []
+  if m.temporal_encoding not in video.TEMPORAL_ENCODINGS:
+    errors.append(f'temporal encoding method must be one of {video.TEMPORAL_ENCODINGS}, got '
+                  f'{m.temporal_encoding!r}')
+  if m.kernel_init_method not in (None, *video.KERNEL_INIT_METHODS):
+    errors.append(f'kernel_init_method must be None or one of {video.KERNEL_INIT_METHODS}, got '
+                  f'{m.kernel_init_method!r}')
+  if m.tubelet_frames < 1 or m.n_sampled_frames < 1:
+    errors.append('tubelet and sampled frame counts must be >= 1')
+  if m.positional_embedding == 'sinusoidal_2d':
+    errors.append('sinusoidal_2d position embeddings are for images; clips need learned_1d')
+  if shape is not None and len(shape) != 4:
+    errors.append(f'a video ViT takes clips [B, T, H, W, C], got per-example shape {tuple(shape)}')
+  elif (shape is not None and m.temporal_encoding == '3d_conv' and
+        shape[0] % max(m.tubelet_frames, 1)):
+    errors.append(f'clips of {shape[0]} frames do not divide into tubelets of '
+                  f'{m.tubelet_frames} frames (tokenizer.patches.size[2])')
+  return errors

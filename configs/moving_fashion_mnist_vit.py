@@ -1,0 +1,17 @@
+"""The video task of configs/moving_fashion_mnist_tl.py without TokenLearner: a plain ViViT.
+
+The same clips, tubelets (256 tokens), model and recipe; only `tokenizer.tokenlearner_loc` is None.
+
+Command:
+  python -m vit_flax.main --config=configs/moving_fashion_mnist_vit.py
+"""
+
+from vit_flax.configs import moving_fashion_mnist_tl
+
+
+def get_config():
+  """Returns configs/moving_fashion_mnist_tl.py without its TokenLearner."""
+  config = moving_fashion_mnist_tl.get_config()
+  config.experiment_name = 'moving_fashion_mnist_vit'
+  config.model.tokenizer.tokenlearner_loc = None  # No learner: every block sees 256 tokens.
+  return config
