@@ -35,7 +35,6 @@ import sys
 import time
 from typing import Any
 
-from absl import app
 from absl import flags
 from absl import logging
 import jax
@@ -44,11 +43,14 @@ import ml_collections
 from ml_collections import config_flags
 import numpy as np
 
+from vit_flax import cli
+from vit_flax import comparison_report
 from vit_flax import config as config_lib
 from vit_flax import config_files
 from vit_flax import flops
 from vit_flax import input_pipeline
 from vit_flax import loops
+from vit_flax import models
 from vit_flax import steps
 
 # The two comparison models of the speed table (train batch 128, 10 classes, no dropout).
@@ -88,7 +90,7 @@ def preset_config(name: str) -> tuple[ml_collections.ConfigDict, tuple[int, int,
 
 
 def dataset_shape(config: ml_collections.ConfigDict) -> tuple[tuple[int, int, int], int]:
-  """(image_shape, num_classes) of a resolved config's dataset; loads it only if not known by name."""
+  """(image_shape, num_classes) of a resolved config's dataset; loads it unless known by name."""
   shape = input_pipeline.image_shape(config.dataset_name, config.dataset_configs)
   if shape is not None:
     return tuple(shape), input_pipeline.DATASETS[config.dataset_name.split(':')[0]].num_classes
@@ -181,11 +183,12 @@ def benchmark_model(config: ml_collections.ConfigDict, image_shape: Sequence[int
     peak_gflops: the machine's matmul peak, to report the achieved share of it.
 
   Returns:
-    A dict: name, tokenizer, num_params, batch_size, devices, loop, compile_s (building the
-    runners plus the first, untimed call), train_step_s, train_images_per_s, train_window_step_s,
-    eval_images_per_s, xla_train_flops_per_image (XLA's count for one `train_step`, per image),
-    analytic_train_flops_per_image, train_gflops_per_s (achieved, by XLA's count) and
-    peak_fraction (given `peak_gflops`).
+    A dict: name (the model's label), family, tokenizer ('dynamic' with a TokenLearner),
+    num_params, batch_size, devices, loop, compile_s (building the runners plus the first,
+    untimed call), train_step_s, train_images_per_s, train_window_step_s, eval_images_per_s,
+    xla_train_flops_per_image (XLA's count for one `train_step`, per image),
+    analytic_train_flops_per_image (ViT only, else None), train_gflops_per_s (achieved, by XLA's
+    count) and peak_fraction (given `peak_gflops`).
   """
   if loop not in ('chunk', 'step'):
     raise ValueError(f"loop must be 'chunk' or 'step', got {loop!r}.")
@@ -193,7 +196,7 @@ def benchmark_model(config: ml_collections.ConfigDict, image_shape: Sequence[int
   batch_size = config.batch_size
   mesh = loops.make_mesh()
   replicated = NamedSharding(mesh, P())
-  model = config_lib.build_model(config.model, num_classes,
+  model = models.build_model(config.model, num_classes,
                                  dtype=config_lib.DTYPES[config.model_dtype_str])
   state = steps.create_train_state(jax.random.key(config.rng_seed), config, model,
                                    (1, *image_shape), config.num_training_steps or 10_000,
@@ -213,15 +216,18 @@ def benchmark_model(config: ml_collections.ConfigDict, image_shape: Sequence[int
   timing = time_steps(run_train, state, min_time_s=min_time_s, windows=windows)
   state = timing['carry']
   call_s = timing['step_s']
+  fields = comparison_report.model_fields(config)
+  analytic = flops.analytic_train_flops(config.model, image_shape, num_classes) if (
+      fields['family'] == 'vit') else None  # The analytic count knows the ViT only.
   result = dict(
-      name=_model_name(config), tokenizer=config.model.tokenizer.type, num_params=num_params,
+      name=fields['label'], family=fields['family'],
+      tokenizer=fields['tokenizer'], num_params=num_params,
       batch_size=batch_size, image_shape=list(image_shape), devices=mesh.devices.size,
       loop=loop, compile_s=compile_s, train_step_s=call_s / steps_per_call,
       train_images_per_s=images_per_call / call_s,
       train_window_step_s=[t / steps_per_call for t in timing['window_step_s']],
       calls_per_window=timing['steps_per_window'], xla_train_flops_per_image=xla_flops,
-      analytic_train_flops_per_image=flops.analytic_train_flops(config.model, image_shape,
-                                                                num_classes))
+      analytic_train_flops_per_image=analytic)
   if xla_flops is not None:
     result['train_gflops_per_s'] = xla_flops * result['train_images_per_s'] / 1e9
     if peak_gflops:
@@ -235,15 +241,6 @@ def benchmark_model(config: ml_collections.ConfigDict, image_shape: Sequence[int
   return result
 
 
-def _model_name(config: ml_collections.ConfigDict) -> str:
-  tok = config.model.tokenizer
-  if tok.type != 'dynamic':
-    return 'ViT'
-  version = 'V1.1' if tok.get('use_v11', True) else 'V1'
-  fuser = ' + TokenFuser' if tok.get('use_tokenfuse', False) else ''
-  return f'ViT + TokenLearner {version}{fuser} (S={tok.num_tokens}, loc={tok.tokenlearner_loc})'
-
-
 def torch_images_per_s(config: ml_collections.ConfigDict, image_shape: Sequence[int],
                        num_classes: int, *, min_time_s: float = 10.0, windows: int = 5,
                        timeout_s: float = 1800.0) -> dict[str, Any]:
@@ -254,7 +251,10 @@ def torch_images_per_s(config: ml_collections.ConfigDict, image_shape: Sequence[
   """
   if importlib.util.find_spec('torch') is None:
     return dict(error='PyTorch is not installed (pip install torch) - skipped.')
-  m = config_lib.model_kwargs(config.model)
+  family = config.model.get('name', 'vit')
+  if family != 'vit':
+    return dict(error=f'benchmarks/torch_vit.py has no {family!r} model - skipped.')
+  m = models.model_kwargs(config.model)
   unsupported = [what for what, bad in (
       ('TokenLearner V1', m.get('tokenlearner_loc') is not None and not m.get('use_v11')),
       ('TokenFuser', m.get('use_tokenfuse')),
@@ -297,10 +297,12 @@ def run_benchmark(config: ml_collections.ConfigDict, image_shape: Sequence[int],
   """
   tl = {'both': (False, True), 'yes': (True,), 'no': (False,)}[with_tl]
   config = config_lib.resolve(config, num_devices=jax.device_count())
+  variants = [models.with_tokenlearner(config, enabled) for enabled in tl]
+  for cfg in variants:  # Every model checked before the first compile (the matmul peak).
+    config_lib.resolve(cfg, num_devices=jax.device_count())
   peaks = [flops.matmul_peak_gflops()]
   results = []
-  for enabled in tl:
-    cfg = config_lib.with_tokenlearner(config, enabled)
+  for cfg in variants:
     r = benchmark_model(cfg, image_shape, num_classes, **kwargs)
     if torch:
       r['torch'] = torch_images_per_s(cfg, image_shape, num_classes,
@@ -338,7 +340,7 @@ def format_report(report: dict[str, Any]) -> str:
     rows.append([
         r['name'], f'{r["num_params"]:,}', f'{r["train_images_per_s"]:.1f}',
         f'{r["eval_images_per_s"]:.1f}' if 'eval_images_per_s' in r else '-',
-        f'{xla / 1e9:.4f}' if xla else '-', f'{r["analytic_train_flops_per_image"] / 1e9:.4f}',
+        f'{xla / 1e9:.4f}' if xla else '-', _gflops(r['analytic_train_flops_per_image']),
         f'{r["train_gflops_per_s"]:.1f}' if 'train_gflops_per_s' in r else '-',
         f'{r["peak_fraction"]:.1%}' if 'peak_fraction' in r else '-',
         '-' if t is None else f'{t["images_per_s"]:.1f}' if 'images_per_s' in t else 'n/a'])
@@ -364,6 +366,21 @@ def format_report(report: dict[str, Any]) -> str:
   return '\n'.join(lines)
 
 
+def _gflops(value: float | None) -> str:
+  return '-' if value is None else f'{value / 1e9:.4f}'
+
+
+def check_flags(*, config_given: bool, preset: str | None, min_time_s: float, windows: int,
+                steps_per_call: int, json_path: str | None) -> None:
+  """Raises cli.FlagError (one line) for flags the benchmark cannot run with."""
+  if config_given == (preset is not None):
+    raise cli.FlagError('Give exactly one of --config and --preset.')
+  cli.check_positive('min_time_s', min_time_s)
+  cli.check_positive('windows', windows, integer=True)
+  cli.check_positive('steps_per_call', steps_per_call, integer=True)
+  cli.check_output_file('json', json_path)
+
+
 def _define_flags() -> None:
   """The CLI's flags (defined only when run as a script, so importing this module defines none)."""
   config_flags.DEFINE_config_file('config', None, 'Training config file.', lock_config=True)
@@ -381,21 +398,26 @@ def _define_flags() -> None:
   flags.DEFINE_string('json', None, 'Also write the results to this JSON file.')
 
 
+# What stops the command with one line: bad flags or configs, missing data (unknown datasets).
+USER_ERRORS = (cli.FlagError, config_lib.ConfigError, input_pipeline.DataError)
+
+
 def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
-  loops.use_one_device_per_cpu_core()  # As `vit_flax.main` does, so the numbers match training.
   f = flags.FLAGS
-  if (f.config is None) == (f.preset is None):
-    raise app.UsageError('Give exactly one of --config and --preset.')
-  if f.preset:
-    config, image_shape, num_classes = preset_config(f.preset)
-  else:
-    config = f.config
-    image_shape, num_classes = dataset_shape(config_lib.resolve(config))
-  report = run_benchmark(config, image_shape, num_classes, with_tl=f.with_tokenlearner,
-                         torch=f.torch, loop=f.loop, steps_per_call=f.steps_per_call,
-                         min_time_s=f.min_time_s, windows=f.windows, eval_step=f.eval)
+  with cli.errors_in_one_line(*USER_ERRORS):
+    if len(argv) > 1:
+      raise cli.FlagError(f'Unexpected arguments: {" ".join(argv[1:])}')
+    check_flags(config_given=f.config is not None, preset=f.preset, min_time_s=f.min_time_s,
+                windows=f.windows, steps_per_call=f.steps_per_call, json_path=f.json)
+    loops.use_one_device_per_cpu_core()  # As `vit_flax.main` does, so the numbers match training.
+    if f.preset:
+      config, image_shape, num_classes = preset_config(f.preset)
+    else:
+      config = f.config
+      image_shape, num_classes = dataset_shape(config_lib.resolve(config))
+    report = run_benchmark(config, image_shape, num_classes, with_tl=f.with_tokenlearner,
+                           torch=f.torch, loop=f.loop, steps_per_call=f.steps_per_call,
+                           min_time_s=f.min_time_s, windows=f.windows, eval_step=f.eval)
   print(format_report(report))
   if f.json:
     pathlib.Path(f.json).write_text(json.dumps(report, indent=2) + '\n')
@@ -403,8 +425,4 @@ def main(argv):
 
 if __name__ == '__main__':
   _define_flags()
-  try:
-    _argv = config_files.check_command_line(sys.argv)
-  except config_lib.ConfigError as e:
-    sys.exit(f'Error: {e}')  # One line on stderr, exit status 1.
-  app.run(main, argv=_argv)
+  cli.run(main)

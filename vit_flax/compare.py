@@ -1,17 +1,23 @@
-r"""Does TokenLearner help, and what does it cost? Trains a config with and without it side by side.
+r"""Trains models side by side: a config with and without its TokenLearner, a sweep over the
+learner's size and place, or any list of configs as shipped.
 
   python -m vit_flax.compare --config=configs/mnist_tl.py [--workdir=DIR] [--target_accuracy=0.98]
   python -m vit_flax.compare --config=configs/mnist_tl.py --num_tokens=8,16 --tokenlearner_loc=1,2
+  python -m vit_flax.compare --configs=mnist_vit.py,mnist_tl.py,configs/my_mixer.py
   python -m vit_flax.compare --config=configs/cifar10_tl.py --benchmark_only
 
-Runs `train.train_and_evaluate` on the config's model as a plain ViT (`tokenizer.type='patch'`,
-WORKDIR/vit) and with its TokenLearner (`'dynamic'`, WORKDIR/tl), with the same seed, data order and
-number of steps; a sweep over `--num_tokens` / `--tokenlearner_loc` trains one TokenLearner run per
-combination instead (WORKDIR/tl_S{n}_L{loc}). Finished runs are reused (the trainer does not
-retrain them). From each run's summary.json and metrics.jsonl it writes
+`--config` runs `train.train_and_evaluate` on the config's model without its TokenLearner (ViT:
+`tokenizer.type='patch'`, WORKDIR/vit) and with it (`'dynamic'`, WORKDIR/tl), with the same seed,
+data order and number of steps; a sweep over `--num_tokens` / `--tokenlearner_loc` trains one
+TokenLearner run per combination instead (WORKDIR/tl_S{n}_L{loc}). `--configs` trains each config
+as it is, in WORKDIR/<config name> (a name that is not a file names a shipped config, as in
+`vit_flax.main`). Every config is checked before the first run trains; finished runs are reused
+(the trainer does not retrain them). From each run's summary.json and metrics.jsonl it writes
+(`comparison_report`), one row per run, the first being the baseline:
 
-* WORKDIR/comparison.md: parameters, GFLOPs per image, train and eval images/s, final test
-  accuracy, wall time and the wall time at which an evaluation first reached the target accuracy;
+* WORKDIR/comparison.md: the model, parameters, GFLOPs per image, train and eval images/s, final
+  test accuracy (raw, EMA, best-validation checkpoint), wall time and the wall time at which an
+  evaluation first reached the target accuracy, then the time-to-accuracy table;
 * WORKDIR/comparison.json: the same rows, plus each run's accuracy curve;
 * WORKDIR/accuracy_vs_time.png: accuracy against wall time and against step, every run;
 * WORKDIR/accuracy_vs_gflops.png (sweeps): final test accuracy against GFLOPs per image.
@@ -25,11 +31,9 @@ import json
 import os
 import pathlib
 import platform
-import sys
 import time
 from typing import Any
 
-from absl import app
 from absl import flags
 from absl import logging
 import jax
@@ -37,28 +41,51 @@ import ml_collections
 from ml_collections import config_flags
 
 from vit_flax import benchmark
+from vit_flax import checkpoints
+from vit_flax import cli
+from vit_flax import comparison_report as report
 from vit_flax import config as config_lib
 from vit_flax import config_files
 from vit_flax import flops
+from vit_flax import input_pipeline
 from vit_flax import loops
+from vit_flax import models
+from vit_flax import pretrained
 from vit_flax import rundir
 from vit_flax import train
-
-NOT_REACHED = 'not reached'
 
 
 def variants(config: ml_collections.ConfigDict, num_tokens: Sequence[int] = (),
              tokenlearner_locs: Sequence[int] = ()) -> list[tuple[str, ml_collections.ConfigDict]]:
-  """[(run name, config)]: the plain ViT, then the TokenLearner model or every sweep point."""
-  runs = [('vit', config_lib.with_tokenlearner(config, False))]
+  """[(run name, config)]: the model without its TokenLearner, then with it or every sweep point."""
+  runs = [('vit', models.with_tokenlearner(config, False))]
   if not num_tokens and not tokenlearner_locs:
-    return runs + [('tl', config_lib.with_tokenlearner(config, True))]
-  tokenizer = config.model.tokenizer
-  for s in num_tokens or [tokenizer.num_tokens]:
-    for loc in tokenlearner_locs or [tokenizer.tokenlearner_loc]:
-      runs.append((f'tl_S{s}_L{loc}', config_lib.with_tokenlearner(
-          config, True, num_tokens=int(s), tokenlearner_loc=int(loc))))
+    return runs + [('tl', models.with_tokenlearner(config, True))]
+  model = models.resolve_model(config.model)
+  learner = model['tokenizer'] if model['name'] == 'vit' else model  # Flat for other families.
+  for s in num_tokens or [learner['num_tokens']]:
+    for loc in tokenlearner_locs or [learner['tokenlearner_loc']]:
+      runs.append((f'tl_S{s}_L{loc}', models.with_tokenlearner(  # A loc of None: resolve says.
+          config, True, num_tokens=int(s), tokenlearner_loc=None if loc is None else int(loc))))
   return runs
+
+
+def load_configs(specs: Sequence[str]) -> list[tuple[str, ml_collections.ConfigDict]]:
+  """[(name, config)] of `--configs`' PATH[:ARG] entries, each named by its file name.
+
+  Raises ConfigError (one line) for a missing or broken file, or two files of the same name (each
+  run trains in WORKDIR/<name>).
+  """
+  named = []
+  for spec in specs:
+    checked, = config_files.check_command_line([f'--config={spec}'])  # Exists and loads.
+    path, sep, arg = checked[len('--config='):].partition(':')
+    name = pathlib.Path(path).stem
+    if name in dict(named):
+      raise config_lib.ConfigError(f'--configs names two configs {name!r}; each trains in '
+                                   'WORKDIR/<config name>, so their file names must differ.')
+    named.append((name, config_files.load_config_file(path, arg if sep else None)))
+  return named
 
 
 def accuracy_curve(records: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -93,7 +120,8 @@ def train_row(name: str, config: ml_collections.ConfigDict, workdir: pathlib.Pat
   curve = accuracy_curve(rundir.read_metrics(str(workdir)))
   reached = time_to_target(curve, target) if target is not None else None
   return dict(
-      _model_fields(name, config), workdir=str(workdir), num_params=summary.get('num_params'),
+      name=name, **report.model_fields(config), workdir=str(workdir),
+      num_params=summary.get('num_params'),
       gflops_per_image=summary.get('gflops_per_image'),
       train_images_per_s=summary.get('train_images_per_s'),
       eval_images_per_s=summary.get('eval_images_per_s'),
@@ -111,46 +139,61 @@ def benchmark_row(name: str, config: ml_collections.ConfigDict, image_shape, num
   """Times one model's steps (no training) and returns its table row."""
   r = benchmark.benchmark_model(config, image_shape, num_classes, min_time_s=min_time_s)
   return dict(
-      _model_fields(name, config), num_params=r['num_params'],
+      name=name, **report.model_fields(config), num_params=r['num_params'],
       gflops_per_image=flops.forward_gflops(
-          config_lib.build_model(config.model, num_classes), image_shape),
+          models.build_model(config.model, num_classes), image_shape),
       train_images_per_s=r['train_images_per_s'], eval_images_per_s=r.get('eval_images_per_s'),
       train_gflops_per_image=r['xla_train_flops_per_image'] / 1e9
       if r['xla_train_flops_per_image'] else None,
       train_gflops_per_s=r.get('train_gflops_per_s'), batch_size=r['batch_size'])
 
 
-def _model_fields(name: str, config: ml_collections.ConfigDict) -> dict[str, Any]:
-  tokenizer = config.model.tokenizer
-  dynamic = tokenizer.type == 'dynamic'
-  return dict(name=name, tokenizer=tokenizer.type,
-              num_tokens=tokenizer.get('num_tokens') if dynamic else None,
-              tokenlearner_loc=tokenizer.get('tokenlearner_loc') if dynamic else None)
-
-
 def run_comparison(config: ml_collections.ConfigDict, workdir: str | os.PathLike, *,
                    num_tokens: Sequence[int] = (), tokenlearner_locs: Sequence[int] = (),
-                   target_accuracy: float | None = 0.98, benchmark_only: bool = False,
-                   min_time_s: float = 10.0, name: str | None = None) -> dict[str, Any]:
-  """Trains (or times) every variant and writes comparison.{md,json} and the plots into workdir.
+                   name: str | None = None, **kwargs) -> dict[str, Any]:
+  """`config` without and with its TokenLearner, or the sweep: see `compare_runs` (`kwargs`).
 
   `name` titles the table (default: the config's experiment or dataset name).
+  """
+  sweep = bool(num_tokens or tokenlearner_locs)
+  return compare_runs(variants(config, num_tokens, tokenlearner_locs), workdir,
+                      kind='sweep' if sweep else 'tokenlearner',
+                      name=name or _config_name(config), **kwargs)
+
+
+def run_configs(named_configs: Sequence[tuple[str, ml_collections.ConfigDict]],
+                workdir: str | os.PathLike, **kwargs) -> dict[str, Any]:
+  """[(name, config)] as they are, each in WORKDIR/<name>: see `compare_runs` (`kwargs`)."""
+  return compare_runs(named_configs, workdir, kind='configs',
+                      name=', '.join(n for n, _ in named_configs), **kwargs)
+
+
+def compare_runs(runs: Sequence[tuple[str, ml_collections.ConfigDict]],
+                 workdir: str | os.PathLike, *, kind: str, name: str,
+                 target_accuracy: float | None = 0.98, benchmark_only: bool = False,
+                 min_time_s: float = 10.0) -> dict[str, Any]:
+  """Trains (or times) every (run name, config) and writes comparison.{md,json} and the plots.
+
+  Every config is resolved (and, to train, its WORKDIR/<run> checked) before the first run
+  trains, so a bad one is a one-line ConfigError or OSError with nothing trained. `kind` is
+  'tokenlearner', 'sweep' or 'configs' (see `comparison_report`).
 
   Returns the comparison dict (as written to comparison.json) with the output paths under 'files'.
   """
   workdir = pathlib.Path(workdir)
+  resolved = [config_lib.resolve(cfg, num_devices=jax.device_count()) for _, cfg in runs]
+  if benchmark_only:  # Unknown datasets are loaded here, so missing data fails before timing.
+    shapes = [benchmark.dataset_shape(cfg) for cfg in resolved]
+  else:
+    for run, _ in runs:
+      rundir.check_workdir(str((workdir / run).absolute()))
   workdir.mkdir(parents=True, exist_ok=True)
-  runs = variants(config, num_tokens, tokenlearner_locs)
-  for _, cfg in runs:  # Every sweep point's config, checked before the first run trains.
-    config_lib.resolve(cfg, num_devices=jax.device_count())
-  sweep = bool(num_tokens or tokenlearner_locs)
-  result = dict(config_name=name or _config_name(config), benchmark_only=benchmark_only,
+  result = dict(kind=kind, config_name=name, benchmark_only=benchmark_only,
                 target_accuracy=None if benchmark_only else target_accuracy,
                 machine=_machine(), rows=[])
   if benchmark_only:
-    image_shape, num_classes = benchmark.dataset_shape(config_lib.resolve(config))
     peaks = [flops.matmul_peak_gflops()]
-    for run, cfg in runs:
+    for (run, cfg), (image_shape, num_classes) in zip(runs, shapes):
       result['rows'].append(benchmark_row(run, cfg, image_shape, num_classes, min_time_s))
     peaks.append(flops.matmul_peak_gflops())
     result['matmul_peak_gflops'] = peak = max(peaks)  # The less disturbed of before and after.
@@ -163,163 +206,14 @@ def run_comparison(config: ml_collections.ConfigDict, workdir: str | os.PathLike
   files = dict(markdown=workdir / 'comparison.md', json=workdir / 'comparison.json')
   if not benchmark_only:
     files['accuracy_vs_time'] = workdir / 'accuracy_vs_time.png'
-    plot_accuracy_vs_time(result['rows'], files['accuracy_vs_time'])
-    if sweep:
+    report.plot_accuracy_vs_time(result['rows'], files['accuracy_vs_time'])
+    if kind == 'sweep':
       files['accuracy_vs_gflops'] = workdir / 'accuracy_vs_gflops.png'
-      plot_accuracy_vs_gflops(result['rows'], files['accuracy_vs_gflops'])
-  files['markdown'].write_text(markdown_table(result))
+      report.plot_accuracy_vs_gflops(result['rows'], files['accuracy_vs_gflops'])
+  files['markdown'].write_text(report.markdown_table(result))
   result['files'] = {k: str(v) for k, v in files.items()}
   files['json'].write_text(json.dumps(result, indent=2, default=str) + '\n')
   return result
-
-
-def markdown_table(result: dict[str, Any]) -> str:
-  """comparison.md: a heading, the table and what its columns mean."""
-  rows, target = result['rows'], result.get('target_accuracy')
-  columns = [('model', lambda r: _label(r)),
-             ('parameters', lambda r: _fmt(r['num_params'], '{:,}')),
-             ('GFLOPs/image', lambda r: _fmt(r['gflops_per_image'], '{:.4g}')),
-             ('train images/s', lambda r: _fmt(r['train_images_per_s'], '{:,.0f}')),
-             ('eval images/s', lambda r: _fmt(r['eval_images_per_s'], '{:,.0f}'))]
-  base = next((r for r in rows if r['tokenizer'] != 'dynamic'), None)
-  columns.append(('train speed-up', lambda r: _ratio(r, base, 'train_images_per_s')))
-  if not result['benchmark_only']:
-    reach = f'time to {target:.2%} (s)' if target is not None else 'time to target (s)'
-    columns += [('test accuracy', lambda r: _fmt(r['test_accuracy'], '{:.2%}')),
-                ('vs ViT (points)', lambda r: _points(r, base)),
-                ('EMA test accuracy', lambda r: _fmt(r.get('test_ema_accuracy'), '{:.2%}')),
-                ('best-valid checkpoint: test accuracy (step)', _best_cell),
-                ('wall time (s)', lambda r: _fmt(r['wall_time_s'], '{:,.1f}')),
-                (reach, lambda r: _fmt(r['time_to_target_s'], '{:,.1f}', NOT_REACHED))]
-  else:
-    columns += [('share of matmul peak', lambda r: _fmt(r.get('peak_fraction'), '{:.1%}'))]
-  lines = [f'# ViT with and without TokenLearner: {result["config_name"]}', '']
-  dataset = next((r['dataset'] for r in rows if r.get('dataset')), None)
-  if dataset:
-    lines += [f'Dataset: {dataset.get("name")} ({dataset.get("source")}), '
-              f'{dataset.get("num_train")} train / {dataset.get("num_test")} test images.', '']
-  m = result['machine']
-  lines += [f'Machine: {m["backend"]} ({m["devices"]} device(s)), {m["cpu_count"]} CPU cores, '
-            f'{m["processor"]}; jax {m["jax"]}.', '']
-  lines.append('| ' + ' | '.join(c for c, _ in columns) + ' |')
-  lines.append('|' + '|'.join(['---'] + ['---:'] * (len(columns) - 1)) + '|')
-  for r in rows:
-    lines.append('| ' + ' | '.join(f(r) for _, f in columns) + ' |')
-  lines.append('')
-  if result['benchmark_only']:
-    lines.append('Step timings only (no training), median of several windows after compilation. '
-                 'GFLOPs/image: the inference forward pass by XLA\'s count (a multiply-add is 2 '
-                 'FLOPs). Share of matmul peak: the train step\'s achieved GFLOP/s over an f32 '
-                 f'2048² matmul measured in the same run ({result["matmul_peak_gflops"]:.0f} '
-                 'GFLOP/s).')
-  else:
-    lines.append('Parameters, GFLOPs/image (inference forward pass by XLA\'s count; a multiply-add '
-                 'is 2 FLOPs), images/s and wall time come from each run\'s summary.json; wall '
-                 'time includes compilation and evaluation. Train speed-up and points: against the '
-                 'ViT row. Time to target: wall time of the first evaluation (validation, or the '
-                 'final test) at or above the target accuracy. Best-valid checkpoint: the '
-                 'parameters (raw or EMA) with the highest validation accuracy, tested.')
-    lines += ['', *_time_to_accuracy_table(rows)]
-  return '\n'.join(lines) + '\n'
-
-
-def _best_cell(row: dict[str, Any]) -> str:
-  best = row.get('best')
-  if not best:
-    return '—'
-  return f'{best["test_accuracy"]:.2%} ({best["step"]:,}, {best["params"]})'
-
-
-def _time_to_accuracy_table(rows: Sequence[dict[str, Any]]) -> list[str]:
-  """Markdown lines: per model, the wall time and images seen at each accuracy threshold."""
-  reports = [(r, r.get('time_to_accuracy')) for r in rows if r.get('time_to_accuracy')]
-  if not reports:
-    return []
-  thresholds = [t['accuracy'] for t in reports[0][1]]
-  lines = ['Time to validation accuracy (raw or EMA parameters, whichever first): wall time in '
-           's / images seen.', '',
-           '| model | ' + ' | '.join(f'{t:.0%}' if t * 100 == int(t * 100) else f'{t:.1%}'
-                                     for t in thresholds) + ' |',
-           '|---|' + '---:|' * len(thresholds)]
-  for row, report in reports:
-    cells = [NOT_REACHED if t['wall_time_s'] is None else
-             f'{t["wall_time_s"]:,.0f} s / {t["images_seen"]:,}' for t in report]
-    lines.append(f'| {_label(row)} | ' + ' | '.join(cells) + ' |')
-  return lines
-
-
-def _label(row: dict[str, Any]) -> str:
-  if row['tokenizer'] != 'dynamic':
-    return 'ViT'
-  return f'ViT + TokenLearner (S={row["num_tokens"]}, loc={row["tokenlearner_loc"]})'
-
-
-def _ratio(row: dict[str, Any], base: dict[str, Any] | None, key: str) -> str:
-  if base is None or row[key] is None or not base[key]:
-    return '—'
-  return f'{row[key] / base[key]:.2f}×'
-
-
-def _points(row: dict[str, Any], base: dict[str, Any] | None) -> str:
-  if base is None or row['test_accuracy'] is None or base['test_accuracy'] is None:
-    return '—'
-  return f'{100 * (row["test_accuracy"] - base["test_accuracy"]):+.2f}'
-
-
-def _fmt(value, spec: str, missing: str = '—') -> str:
-  return missing if value is None else spec.format(value)
-
-
-def plot_accuracy_vs_time(rows: Sequence[dict[str, Any]], path: pathlib.Path) -> None:
-  """Accuracy against wall time (left) and step (right); the final test accuracy as a star."""
-  plt = _pyplot()
-  fig, axes = plt.subplots(1, 2, figsize=(11, 4.2), sharey=True)
-  for row in rows:
-    valid = [p for p in row['curve'] if p['split'] == 'valid']
-    test = [p for p in row['curve'] if p['split'] == 'test']
-    for ax, x in zip(axes, ('wall_time_s', 'step')):
-      line, = ax.plot([p[x] for p in valid], [p['accuracy'] for p in valid], marker='.',
-                      label=_label(row) + ' (valid)')
-      if test:
-        ax.plot([p[x] for p in test], [p['accuracy'] for p in test], marker='*', markersize=12,
-                linestyle='none', color=line.get_color(), label=_label(row) + ' (test)')
-  axes[0].set_xlim(left=0)
-  axes[0].set_title('accuracy vs wall time (compilation included)', fontsize=10)
-  axes[1].set_title('accuracy vs step', fontsize=10)
-  axes[0].set_xlabel('wall time (s)')
-  axes[1].set_xlabel('step')
-  axes[0].set_ylabel('accuracy')
-  for ax in axes:
-    ax.grid(alpha=0.3)
-  axes[1].legend(fontsize=8, loc='lower right')
-  fig.tight_layout()
-  fig.savefig(path, dpi=110)
-  plt.close(fig)
-
-
-def plot_accuracy_vs_gflops(rows: Sequence[dict[str, Any]], path: pathlib.Path) -> None:
-  """Final test accuracy against GFLOPs per image, one labelled point per run."""
-  plt = _pyplot()
-  fig, ax = plt.subplots(figsize=(6, 4.2))
-  for row in rows:
-    if row['gflops_per_image'] is None or row['test_accuracy'] is None:
-      continue
-    ax.scatter(row['gflops_per_image'], row['test_accuracy'])
-    ax.annotate(row['name'], (row['gflops_per_image'], row['test_accuracy']), fontsize=8,
-                xytext=(4, 4), textcoords='offset points')
-  ax.set_xlabel('GFLOPs per image')
-  ax.set_ylabel('test accuracy')
-  ax.grid(alpha=0.3)
-  fig.tight_layout()
-  fig.savefig(path, dpi=110)
-  plt.close(fig)
-
-
-def _pyplot():
-  import matplotlib  # pylint: disable=g-import-not-at-top
-  matplotlib.use('Agg')
-  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
-  return plt
 
 
 def _config_name(config: ml_collections.ConfigDict) -> str:
@@ -332,38 +226,91 @@ def _machine() -> dict[str, Any]:
               jax=jax.__version__)
 
 
+def check_flags(*, config_given: bool, configs: Sequence[str], num_tokens: Sequence[str],
+                tokenlearner_locs: Sequence[str], target_accuracy: float, min_time_s: float
+                ) -> tuple[list[int], list[int]]:
+  """Raises cli.FlagError (one line) for flags compare cannot run with; returns the sweep as ints.
+
+  Checks the flags only; the config files are `load_configs`' and `config.resolve`'s.
+  """
+  if config_given == bool(configs):
+    raise cli.FlagError('Give exactly one of --config (with and without its TokenLearner) and '
+                        '--configs (a list of configs).')
+  if configs and (num_tokens or tokenlearner_locs):
+    raise cli.FlagError('--num_tokens and --tokenlearner_loc sweep the TokenLearner of --config; '
+                        '--configs trains each config as it is.')
+  if any(not spec for spec in configs):
+    raise cli.FlagError(f'--configs has an empty entry: {",".join(configs)!r}.')
+  sizes = _ints('num_tokens', num_tokens, 1, 'positive integers (e.g. 8,16)')
+  locs = _ints('tokenlearner_loc', tokenlearner_locs, 0, 'block indices >= 0 (e.g. 1,2)')
+  if not 0.0 < target_accuracy <= 1.0:
+    raise cli.FlagError(f'--target_accuracy must be in (0, 1], got {target_accuracy:g}.')
+  cli.check_positive('min_time_s', min_time_s)
+  return sizes, locs
+
+
+def _ints(name: str, values: Sequence[str], lowest: int, what: str) -> list[int]:
+  """`values` as ints >= `lowest`, else cli.FlagError naming the flag and the first bad value."""
+  for value in values:
+    if not value.strip().lstrip('-').isdigit() or int(value) < lowest:
+      raise cli.FlagError(f'--{name} must be {what}, got {value!r}.')
+  return [int(v) for v in values]
+
+
 def _define_flags() -> None:
   """The CLI's flags (defined only when run as a script, so importing this module defines none)."""
-  config_flags.DEFINE_config_file('config', None, 'Training config file.', lock_config=True)
-  flags.DEFINE_string('workdir', None, 'Output directory (default: runs/compare_<config name>).')
-  flags.DEFINE_list('num_tokens', [], 'TokenLearner sizes S to sweep (e.g. 8,16).')
-  flags.DEFINE_list('tokenlearner_loc', [], 'TokenLearner positions to sweep (e.g. 1,2).')
-  flags.DEFINE_float('target_accuracy', 0.98, 'Accuracy for the time-to-target column.')
+  config_flags.DEFINE_config_file(
+      'config', None, 'Training config file: trained without and with its TokenLearner. '
+      '--config.x=... overrides apply to this config only (not to --configs).', lock_config=True)
+  flags.DEFINE_list('configs', [], 'Config files (or shipped config names) to train as they are, '
+                    'each in WORKDIR/<config name>; the first is the baseline. Not with --config.')
+  flags.DEFINE_string('workdir', None, 'Output directory (default: runs/compare_<config name(s)>).')
+  flags.DEFINE_list('num_tokens', [], 'With --config: TokenLearner sizes S to sweep (e.g. 8,16).')
+  flags.DEFINE_list('tokenlearner_loc', [],
+                    'With --config: TokenLearner positions to sweep (e.g. 1,2).')
+  flags.DEFINE_float('target_accuracy', 0.98, 'Accuracy in (0, 1] for the time-to-target column.')
   flags.DEFINE_bool('benchmark_only', False, 'Time the steps (benchmark.py) instead of training.')
-  flags.DEFINE_float('min_time_s', 10.0, 'With --benchmark_only: timed seconds per model.')
+  flags.DEFINE_float('min_time_s', 10.0, 'With --benchmark_only: timed seconds per model (> 0).')
+
+
+# What stops the command with one line: bad flags or configs, missing data, an unusable workdir.
+USER_ERRORS = (cli.FlagError, config_lib.ConfigError, input_pipeline.DataError, OSError,
+               pretrained.PretrainedError, rundir.WorkdirBusyError,
+               checkpoints.CheckpointMismatchError, checkpoints.CheckpointError,
+               train.TrainingDivergedError)
 
 
 def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
-  loops.use_one_device_per_cpu_core()  # As `vit_flax.main` does, so the numbers match training.
-  f = flags.FLAGS
-  if f.config is None:
-    raise app.UsageError('--config is required.')
-  name = pathlib.Path(f['config'].config_filename.split(':')[0]).stem
-  result = run_comparison(
-      f.config, f.workdir or os.path.join('runs', f'compare_{name}'), name=name,
-      num_tokens=[int(s) for s in f.num_tokens],
-      tokenlearner_locs=[int(s) for s in f.tokenlearner_loc], target_accuracy=f.target_accuracy,
-      benchmark_only=f.benchmark_only, min_time_s=f.min_time_s)
+  try:
+    with cli.errors_in_one_line(*USER_ERRORS):
+      result = _compare_from_flags(argv)
+  except train.TrainingStopped as e:
+    print(e)  # One line: where the run stopped; the same command resumes it.
+    return
   print(pathlib.Path(result['files']['markdown']).read_text())
   print('Wrote', ', '.join(result['files'].values()))
 
 
+def _compare_from_flags(argv) -> dict[str, Any]:
+  f = flags.FLAGS
+  if len(argv) > 1:
+    raise cli.FlagError(f'Unexpected arguments: {" ".join(argv[1:])}')
+  num_tokens, locs = check_flags(
+      config_given=f.config is not None, configs=f.configs, num_tokens=f.num_tokens,
+      tokenlearner_locs=f.tokenlearner_loc, target_accuracy=f.target_accuracy,
+      min_time_s=f.min_time_s)
+  options = dict(target_accuracy=f.target_accuracy, benchmark_only=f.benchmark_only,
+                 min_time_s=f.min_time_s)
+  named = load_configs(f.configs) if f.configs else None
+  loops.use_one_device_per_cpu_core()  # As `vit_flax.main` does, so the numbers match training.
+  if named:
+    workdir = f.workdir or os.path.join('runs', 'compare_' + '_'.join(n for n, _ in named))
+    return run_configs(named, workdir, **options)
+  name = pathlib.Path(f['config'].config_filename.split(':')[0]).stem
+  return run_comparison(f.config, f.workdir or os.path.join('runs', f'compare_{name}'), name=name,
+                        num_tokens=num_tokens, tokenlearner_locs=locs, **options)
+
+
 if __name__ == '__main__':
   _define_flags()
-  try:
-    _argv = config_files.check_command_line(sys.argv)
-  except config_lib.ConfigError as e:
-    sys.exit(f'Error: {e}')  # One line on stderr, exit status 1.
-  app.run(main, argv=_argv)
+  cli.run(main)

@@ -10,11 +10,10 @@ loads the run's config.json and latest checkpoint, and writes PNGs to DIR/plots/
 """
 
 from collections.abc import Sequence
+import json
 import os
-import sys
 import textwrap
 
-from absl import app
 from absl import flags
 from absl import logging
 import jax
@@ -26,10 +25,14 @@ import numpy as np
 from vit_flax import analysis
 from vit_flax import augment
 from vit_flax import checkpoints
+from vit_flax import cli
 from vit_flax import config as config_lib
 from vit_flax import input_pipeline
 from vit_flax import layers
+from vit_flax import models
 from vit_flax import rundir
+
+SPLITS = ('train', 'valid', 'test')
 
 
 def _show_image(ax, image: np.ndarray) -> None:
@@ -234,7 +237,7 @@ def write_plots(workdir: str, *, num_images: int = 8, split: str = 'test',
     logging.info('Wrote %s', path)
 
   images, labels, dataset = _load_images(config, split, num_images)
-  model = config_lib.build_model(config.model, dataset.num_classes)
+  model = models.build_model(config.model, dataset.num_classes)
   logits, attentions, token_maps = analysis.collect_intermediates(model, params, images['inputs'])
   predictions = logits.argmax(axis=-1)
   raw = images['raw']
@@ -314,29 +317,74 @@ def _load_images(config, split: str, num_images: int):
     inputs, labels = batch['inputs'][keep], batch['label'][keep]
     raw = np.clip(inputs * np.asarray(dataset.std) + np.asarray(dataset.mean), 0, 1)
   if not len(raw):
-    raise ValueError(f'{dataset.name} has no {split!r} images.')
+    raise input_pipeline.DataError(f'{dataset.name} has no {split!r} images.')
   return {'raw': raw, 'inputs': np.asarray(inputs)}, labels, dataset
 
 
+def check_flags(workdir: str | None, *, num_images: int = 8, split: str = 'test',
+                head_fusion: str = 'mean', discard_ratio: float = 0.0) -> None:
+  """Raises cli.FlagError (one line) unless the flags name a trained run and valid figure options.
+
+  Reads only the file system: nothing is loaded or compiled.
+  """
+  if not workdir:
+    raise cli.FlagError('--workdir is required: a run directory (config.json, checkpoints/).')
+  if not os.path.isdir(workdir):
+    raise cli.FlagError(f'--workdir={workdir} is not a directory.')
+  config_path = os.path.join(workdir, 'config.json')
+  if not os.path.isfile(config_path):
+    raise cli.FlagError(f'--workdir={workdir} has no config.json: is it a vit_flax run directory?')
+  try:
+    with open(config_path) as f:
+      json.load(f)
+  except ValueError as e:
+    raise cli.FlagError(f'{config_path} is not valid JSON ({e}).') from None
+  checkpoint_dir = os.path.join(workdir, 'checkpoints')
+  steps = os.listdir(checkpoint_dir) if os.path.isdir(checkpoint_dir) else []
+  if not any(name.isdigit() for name in steps):  # orbax names a finished checkpoint by its step.
+    raise cli.FlagError(f'--workdir={workdir} has no checkpoint in {checkpoint_dir}: train the '
+                        'run first (python -m vit_flax.main).')
+  if num_images < 1:
+    raise cli.FlagError(f'--num_images must be >= 1, got {num_images}.')
+  if split not in SPLITS:
+    raise cli.FlagError(f'--split must be one of {", ".join(SPLITS)}, got {split!r}.')
+  if head_fusion not in analysis.HEAD_FUSIONS:
+    raise cli.FlagError(f'--head_fusion must be one of {", ".join(analysis.HEAD_FUSIONS)}, got '
+                        f'{head_fusion!r}.')
+  if not 0.0 <= discard_ratio < 1.0:
+    raise cli.FlagError(f'--discard_ratio must be in [0, 1), got {discard_ratio:g}.')
+
+
+# What stops the command with one line: bad flags, and a run that cannot be drawn (config.json
+# edited to another model or to bad values, a missing checkpoint, missing data).
+USER_ERRORS = (cli.FlagError, config_lib.ConfigError, checkpoints.CheckpointMismatchError,
+               checkpoints.CheckpointError, input_pipeline.DataError, FileNotFoundError)
+
+
 def main(argv: Sequence[str]) -> None:
-  if len(argv) > 1:
-    raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
   f = flags.FLAGS
-  for path in write_plots(f.workdir, num_images=f.num_images, split=f.split,
-                          head_fusion=f.head_fusion, discard_ratio=f.discard_ratio):
+  with cli.errors_in_one_line(*USER_ERRORS):
+    if len(argv) > 1:
+      raise cli.FlagError(f'Unexpected arguments: {" ".join(argv[1:])}')
+    options = dict(num_images=f.num_images, split=f.split, head_fusion=f.head_fusion,
+                   discard_ratio=f.discard_ratio)
+    check_flags(f.workdir, **options)
+    paths = write_plots(f.workdir, **options)
+  for path in paths:
     print(path)
 
 
 def _define_flags() -> None:
   """The command-line flags; defined only when run as a script, so importing defines none."""
-  flags.DEFINE_string('workdir', None, 'Run directory (config.json, checkpoints/).', required=True)
-  flags.DEFINE_integer('num_images', 8, 'How many images to draw.')
-  flags.DEFINE_enum('split', 'test', ['train', 'valid', 'test'], 'Which images to draw.')
-  flags.DEFINE_enum('head_fusion', 'mean', list(analysis.HEAD_FUSIONS),
-                    'Rollout: how heads are fused.')
-  flags.DEFINE_float('discard_ratio', 0.0, 'Rollout: fraction of the weakest weights dropped.')
+  flags.DEFINE_string('workdir', None, 'Run directory (config.json, checkpoints/); required.')
+  flags.DEFINE_integer('num_images', 8, 'How many images to draw (>= 1).')
+  flags.DEFINE_string('split', 'test', f'Which images to draw: {" | ".join(SPLITS)}.')
+  flags.DEFINE_string('head_fusion', 'mean',
+                      f'Rollout: how heads are fused: {" | ".join(analysis.HEAD_FUSIONS)}.')
+  flags.DEFINE_float('discard_ratio', 0.0,
+                     'Rollout: fraction in [0, 1) of the weakest weights dropped.')
 
 
 if __name__ == '__main__':
   _define_flags()
-  app.run(main)
+  cli.run(main)
