@@ -1,4 +1,5 @@
-"""The course's seed experiment without TokenLearner: MNIST, patch 2 (196 tokens), width 64, 4 layers.
+"""The course's seed experiment without TokenLearner: MNIST, patch 2 (196 tokens), width 64,
+4 layers.
 
 The baseline for configs/mnist_patch2_tl.py: that file with `tokenizer.type = 'patch'`.
 

@@ -30,7 +30,7 @@ def get_config() -> ml_collections.ConfigDict:
       num_train=16_000, num_valid=2_000, num_test=4_000, seed=0))
 
   config.batch_size = 128
-  config.eval_batch_size = 500
+  config.eval_batch_size = 1000
   config.num_training_epochs = 8
   config.num_training_steps = placeholder(int)
   config.log_summary_steps = 125

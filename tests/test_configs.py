@@ -29,12 +29,23 @@ def load(name: str) -> ml_collections.ConfigDict:
 
 def test_expected_configs_exist():
   for name in ('mnist_vit', 'mnist_tl', 'fashion_mnist_vit', 'fashion_mnist_tl', 'cifar10_vit',
-               'cifar10_tl', 'imagenet_tl_b16', 'tiny'):
+               'cifar10_tl', 'imagenet_tl_b16', 'tiny', 'moving_fashion_mnist_vit',
+               'moving_fashion_mnist_tl', 'fashion_mnist_deit', 'fashion_mnist_cait',
+               'fashion_mnist_mixer', 'fashion_mnist_xcit', 'fashion_mnist_swin'):
     assert name in CONFIGS
 
 
+@pytest.fixture
+def teacher_run(tmp_path, monkeypatch):
+  """Runs in a directory where DeiT's teacher (runs/fashion_mnist_vit) exists, as after training."""
+  (tmp_path / 'runs' / 'fashion_mnist_vit').mkdir(parents=True)
+  (tmp_path / 'runs' / 'fashion_mnist_vit' / 'config.json').write_text('{}')
+  monkeypatch.chdir(tmp_path)
+
+
 @pytest.mark.parametrize('name', CONFIGS)
-def test_config_validates_and_builds(name):
+def test_config_validates_and_builds(name, teacher_run):
+  del teacher_run
   config = config_lib.resolve(load(name), num_devices=8)
   shape = input_pipeline.image_shape(config.dataset_name, config.dataset_configs)
   num_classes = input_pipeline.DATASETS[config.dataset_name].num_classes
@@ -53,8 +64,12 @@ def test_config_validates_and_builds(name):
 def test_vit_and_tl_pairs_differ_only_in_tokenlearner(base):
   flat = lambda c: ml_collections.ConfigDict(c).to_dict()
   vit_cfg, tl_cfg = flat(load(base + '_vit')), flat(load(base + '_tl'))
-  assert tl_cfg['model']['tokenizer'].pop('type') == 'dynamic'
-  assert vit_cfg['model']['tokenizer'].pop('type') == 'patch'
+  tl_type, vit_type = (c['model']['tokenizer'].pop('type') for c in (tl_cfg, vit_cfg))
+  # Images: 'dynamic' against 'patch'; clips: 'video' both, the learner's place set or None.
+  assert (tl_type, vit_type) in (('dynamic', 'patch'), ('video', 'video'))
+  if tl_type == 'video':
+    assert tl_cfg['model']['tokenizer']['tokenlearner_loc'] is not None
+    assert vit_cfg['model']['tokenizer']['tokenlearner_loc'] is None
   for key in models.LEARNER_KEYS:  # Unread by a 'patch' model, so they may differ.
     tl_cfg['model']['tokenizer'].pop(key)
     vit_cfg['model']['tokenizer'].pop(key, None)
@@ -120,7 +135,7 @@ def _tiny(changes=None):
     ({'model.num_heads': 3}, 'not divisible by num_heads'),
     ({'model.dropout_rate': 1.0}, 'dropout_rate must be in [0, 1)'),
     ({'model.classifier': 'map'}, 'unknown classifier'),
-    ({'model.tokenizer.type': 'video'}, 'model.tokenizer.type must be one of'),
+    ({'model.tokenizer.type': 'voxel'}, 'model.tokenizer.type must be one of'),
     ({'model.tokenizer.tokenlearner_loc': None}, 'tokenlearner_loc is needed'),
     ({'model.tokenizer.num_tokens': 0}, 'num_tokens must be >= 1'),
     ({'microbatch_size': 5}, 'microbatch_size=5 does not divide batch_size=32'),
@@ -181,7 +196,7 @@ def test_resolve_fills_defaults_once_and_locks():
     config.bach_size = 3
 
 
-@pytest.mark.parametrize('name', CONFIGS)
+@pytest.mark.parametrize('name', [n for n in CONFIGS if 'tokenizer' in load(n).model])
 def test_patch_size_overrides_from_the_command_line(name, monkeypatch):
   """config_flags overrides tuple fields (it rejects list ones), as `main` parses them."""
   path = str(CONFIG_DIR / f'{name}.py')

@@ -322,7 +322,7 @@ def size_of(config: ml_collections.ConfigDict) -> int:
   if info is None or shape is None:
     return 0
   model = models.build_model(config.model, info.num_classes)
-  key = jax.random.key(0)
-  abstract = jax.eval_shape(lambda: model.init(key, jnp.zeros((1, *shape)), train=False))
+  abstract = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, *shape)),
+                                               train=False))
   num_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(abstract['params']))
   return checkpoint_bytes(num_params, ema=bool(config.ema_decay), optimizer=config.optimizer)

@@ -11,13 +11,12 @@ same command with its own `--process_id` (on Cloud TPU, SLURM and Open MPI witho
 import os
 import sys
 
-from absl import app
 from absl import flags
 from absl import logging
 from ml_collections import config_flags
 
+from vit_flax import cli
 from vit_flax import config as config_lib
-from vit_flax import config_files
 
 _CONFIG = config_flags.DEFINE_config_file(
     'config', None, 'Training config file, e.g. configs/mnist_tl.py.', lock_config=True)
@@ -34,7 +33,7 @@ flags.mark_flags_as_required(['config'])
 
 def main(argv: list[str]) -> None:
   if len(argv) > 1:
-    raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
+    sys.exit(f'Error: unexpected arguments {argv[1:]}.')
   from vit_flax import checkpoints  # pylint: disable=g-import-not-at-top
   from vit_flax import input_pipeline  # pylint: disable=g-import-not-at-top
   from vit_flax import loops  # pylint: disable=g-import-not-at-top
@@ -45,7 +44,7 @@ def main(argv: list[str]) -> None:
   try:
     multihost.check_flags(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
   except multihost.DistributedConfigError as e:
-    raise app.UsageError(str(e)) from None
+    sys.exit(f'Error: {e}')
   loops.use_one_device_per_cpu_core()
   multihost.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
   if not multihost.is_primary():
@@ -54,9 +53,7 @@ def main(argv: list[str]) -> None:
   name = os.path.splitext(os.path.basename(config_path.split(':')[0]))[0]
   try:  # Bad input is a usage error: one line, before anything loads or compiles.
     train.train_and_evaluate(_CONFIG.value, _WORKDIR.value or os.path.join('runs', name))
-  except config_lib.ConfigError as e:
-    raise app.UsageError(str(e)) from None
-  except (OSError, input_pipeline.DataError, pretrained.PretrainedError, rundir.WorkdirBusyError,
+  except (config_lib.ConfigError, OSError, input_pipeline.DataError, pretrained.PretrainedError, rundir.WorkdirBusyError,
           checkpoints.CheckpointMismatchError, checkpoints.CheckpointError,
           train.TrainingDivergedError) as e:
     sys.exit(f'Error: {e}')  # One line on stderr, exit status 1.
@@ -66,11 +63,7 @@ def main(argv: list[str]) -> None:
 
 def run() -> None:
   """The command: checks --config and its overrides (one-line errors), then runs `main`."""
-  try:
-    argv = config_files.check_command_line(sys.argv)
-  except config_lib.ConfigError as e:
-    sys.exit(f'Error: {e}')  # One line on stderr, exit status 1.
-  app.run(main, argv=argv)
+  cli.run(main)
 
 
 if __name__ == '__main__':

@@ -150,6 +150,9 @@ def resolve_model(model_config: Any, errors: list[str] | None = None) -> dict[st
   for key in ('hidden_size', 'num_layers', 'num_heads', 'mlp_dim'):
     if model[key] is None:
       model[key] = sizes.get(key)
+    elif not (isinstance(model[key], int) and not isinstance(model[key], bool) and
+              model[key] >= 1):
+      errors.append(f'model.{key} must be a positive int, got {model[key]!r}')
   size = patches['size'] if patches['size'] is not None else sizes.get('patch_size')
   if isinstance(size, int):
     size = (size, size)
@@ -256,8 +259,8 @@ def check_model(model_config: Any, num_classes: int, image_shape: tuple[int, ...
   if isinstance(model, vit.ViT):
     vit.check_vit(model, image_shape)
   elif image_shape is not None:
-    key = jax.random.key(0)
-    jax.eval_shape(lambda: model.init(key, jnp.zeros((1, *image_shape)), train=False))
+    jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, *image_shape)),
+                                      train=False))
 
 
 def with_tokenlearner(config: ml_collections.ConfigDict, enabled: bool, *,

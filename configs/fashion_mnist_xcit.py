@@ -1,0 +1,25 @@
+"""XCiT (El-Nouby et al. 2021) on Fashion-MNIST.
+
+The model: cross-covariance attention (a head_dim x head_dim map over channels), local patch
+interaction (3 x 3 depthwise convolutions with BatchNorm), a 2-convolution stem for patch 4, Fourier
+position encoding, 6 blocks and 2 class-attention blocks.
+The recipe (data, optimizer, schedule, EMA, epochs) is configs/fashion_mnist_vit.py's; only the
+model differs, so `python -m vit_flax.compare --configs=...` puts them side by side.
+
+Command:
+  python -m vit_flax.main --config=configs/fashion_mnist_xcit.py
+"""
+
+import ml_collections
+
+from vit_flax.configs import fashion_mnist_vit
+
+
+def get_config() -> ml_collections.ConfigDict:
+  """Returns the Fashion-MNIST xcit config."""
+  config = fashion_mnist_vit.get_config()
+  config.experiment_name = 'fashion_mnist_xcit'
+  config.model = ml_collections.ConfigDict(dict(
+      name='xcit', hidden_size=64, num_layers=6, num_class_layers=2, num_heads=4, mlp_dim=128,
+      patch_size=4))
+  return config
