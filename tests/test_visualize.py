@@ -14,6 +14,7 @@ import helpers
 from vit_flax import analysis
 from vit_flax import checkpoints
 from vit_flax import config as config_lib
+from vit_flax import config_files
 from vit_flax import models
 from vit_flax import rundir
 from vit_flax import visualize
@@ -309,10 +310,33 @@ def test_write_plots_other_model(tmp_path, monkeypatch):
   config = config_lib.resolve(config)
   params = _random_params(models.build_model(config.model, 10),
                           np.zeros((1, 28, 28, 1), np.float32))
-  monkeypatch.setattr(rundir, 'load_run', lambda workdir: checkpoints.Run(config, params, 0, None))
+  monkeypatch.setattr(checkpoints, 'load_run',
+                      lambda workdir: checkpoints.Run(config, params, 0, None))
   paths = visualize.write_plots(str(tmp_path), num_images=2)
   names = {p.rsplit('/', 1)[-1] for p in paths}
   assert names == {'attention_rollout.png', 'patch_embedding_filters.png', 'token_maps.png',
                    'position_embedding_similarity.png'}  # No metrics.jsonl: no training curves.
   for path in paths:
     _assert_png_not_blank(path)
+
+
+def test_a_video_run_gets_its_token_maps_frame_by_frame(tmp_path, monkeypatch):
+  """A moving-digits clip model: frames x tokens figures of the learner's per-frame maps."""
+  config = config_files.load_config_file(helpers.CONFIG_DIR / 'moving_fashion_mnist_tl.py')
+  config.dataset_name = 'moving_mnist'  # The offline 5k MNIST sample: no Debian files needed.
+  config.dataset_configs.moving_digits.update(num_train=16, num_valid=8, num_test=8)
+  config.model.update(hidden_size=16, num_layers=2, num_heads=2, mlp_dim=32)
+  config.model.tokenizer.num_tokens = 3
+  config = config_lib.resolve(config)
+  params = _random_params(models.build_model(config.model, 8),
+                          np.zeros((1, 8, 32, 32, 1), np.float32))
+  monkeypatch.setattr(checkpoints, 'load_run',
+                      lambda workdir: checkpoints.Run(config, params, 0, None))
+  paths = visualize.write_plots(str(tmp_path), num_images=2)
+  assert sorted(p.rsplit('/', 1)[-1] for p in paths) == ['token_maps_clip0.png',
+                                                         'token_maps_clip1.png']
+  for path in paths:
+    _assert_png_not_blank(path)
+  frames = np.zeros((8, 32, 32, 1), np.uint8)
+  fig = visualize.plot_frame_token_maps(frames, np.ones((4, 3, 8, 8)), frames_per_map=2)
+  assert len(fig.axes) == 4 * (3 + 1) and fig.axes[4].get_title() == 'frames 2-3'

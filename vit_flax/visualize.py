@@ -31,6 +31,7 @@ from vit_flax import input_pipeline
 from vit_flax import layers
 from vit_flax import models
 from vit_flax import rundir
+from vit_flax import vit
 
 SPLITS = ('train', 'valid', 'test')
 
@@ -106,6 +107,26 @@ def plot_token_maps(images: np.ndarray, token_maps: np.ndarray, labels=None, pre
         axes[i, k + 1].set_title(f'token {k}', fontsize=8)
   _suptitle(fig, title or 'TokenLearner spatial maps: where each learned token pools from (each '
             'map scaled to its own range)')
+  return fig
+
+
+def plot_frame_token_maps(clip: np.ndarray, token_maps: np.ndarray, frames_per_map: int = 1,
+                          title: str | None = None) -> mpl_figure.Figure:
+  """Frames x tokens grid of one clip: each frame's learned tokens' maps over that frame.
+
+  Args:
+    clip: [T, H, W, C] frames to draw.
+    token_maps: [t, S, h, w] learner weights, one set per tubelet slice of `frames_per_map`
+      frames (drawn over the slice's first frame).
+    frames_per_map: frames per tubelet slice (1 for sampled frames).
+    title: figure title.
+  """
+  frames = np.asarray(clip)[::frames_per_map][:len(token_maps)]
+  fig = plot_token_maps(frames, token_maps, title=title or 'TokenLearner maps, frame by frame')
+  for i, ax in enumerate(fig.axes[::token_maps.shape[1] + 1]):
+    first = i * frames_per_map
+    ax.set_title(f'frame {first}' if frames_per_map == 1 else
+                 f'frames {first}-{first + frames_per_map - 1}', fontsize=7)
   return fig
 
 
@@ -238,12 +259,24 @@ def write_plots(workdir: str, *, num_images: int = 8, split: str = 'test',
 
   images, labels, dataset = _load_images(config, split, num_images)
   model = models.build_model(config.model, dataset.num_classes)
+  records = rundir.read_metrics(workdir)
+  run = f'{os.path.basename(os.path.normpath(workdir))}, step {step}'
+  if records:
+    save(plot_training_curves(records, title=f'Training curves ({run})'), 'training_curves.png')
+  if not isinstance(model, vit.ViT):
+    logging.info('%s is a %r model: only the training curves are drawn.', workdir,
+                 config.model.name)
+    return written
   logits, attentions, token_maps = analysis.collect_intermediates(model, params, images['inputs'])
+  if model.temporal_encoding is not None:
+    info = input_pipeline.DATASETS.get(dataset.name)
+    _write_clip_plots(save, model, images['raw'], logits, labels, token_maps,
+                      info.class_names if info else None, run)
+    return written
   predictions = logits.argmax(axis=-1)
   raw = images['raw']
   grid_hw = (raw.shape[1] // model.patch_size[0], raw.shape[2] // model.patch_size[1])
   has_cls = model.classifier == 'token'
-  run = f'{os.path.basename(os.path.normpath(workdir))}, step {step}'
 
   if token_maps:
     save(plot_token_maps(raw, token_maps[0], labels, predictions,
@@ -294,12 +327,25 @@ def write_plots(workdir: str, *, num_images: int = 8, split: str = 'test',
       pcs, title=f'Patch embedding filters ({run}): first {len(pcs)} principal components'),
        'patch_embedding_filters.png')
 
-  records = rundir.read_metrics(workdir)
-  if records:
-    save(plot_training_curves(records, title=f'Training curves ({run})'), 'training_curves.png')
-  else:
+  if not records:
     logging.info('No metrics.jsonl in %s: no training curves.', workdir)
   return written
+
+
+def _write_clip_plots(save, model: vit.ViT, clips: np.ndarray, logits: np.ndarray,
+                      labels: np.ndarray, token_maps: list[np.ndarray], class_names,
+                      run: str) -> None:
+  """A video run's figures: each of the first (up to 4) clips' token maps, frame by frame."""
+  if not token_maps:
+    logging.info('No TokenLearner in this video model: no token maps to draw.')
+    return
+  frames = model.tubelet_frames if model.temporal_encoding == '3d_conv' else 1
+  maps = token_maps[0].reshape(len(clips), -1, *token_maps[0].shape[1:])  # [B, t, S, h, w]
+  names = (lambda k: class_names[k]) if class_names is not None else str
+  for i in range(min(len(clips), 4)):
+    title = (f'TokenLearner maps per frame ({run}), clip {i}: predicted '
+             f'{names(int(logits[i].argmax()))}, true {names(int(labels[i]))}')
+    save(plot_frame_token_maps(clips[i], maps[i], frames, title), f'token_maps_clip{i}.png')
 
 
 def _load_images(config, split: str, num_images: int):
