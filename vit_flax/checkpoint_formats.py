@@ -115,41 +115,6 @@ def _tree(flat: Mapping[str, Any]) -> dict[str, Any]:
   return traverse_util.unflatten_dict({tuple(k.split('/')): v for k, v in flat.items()})
 
 
-def _read_vit_flax(path: str, given: dict[str, Any], description: str):
-  """A vit_flax run directory (config.json) or one checkpoint step directory (params/)."""
-  from vit_flax import input_pipeline  # pylint: disable=g-import-not-at-top  (imports TFDS)
-  from vit_flax import checkpoints  # pylint: disable=g-import-not-at-top  (imports orbax)
-  from vit_flax import rundir  # pylint: disable=g-import-not-at-top
-  del given
-  config = None
-  if os.path.isfile(os.path.join(path, 'config.json')):
-    run = checkpoints.load_run(path)
-    config, params = run.config, run.params
-  elif os.path.isdir(os.path.join(path, 'params')):
-    import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
-    try:
-      params = ocp.StandardCheckpointer().restore(os.path.join(path, 'params'))
-    except Exception as e:  # pylint: disable=broad-except  (orbax / tensorstore raise many kinds)
-      raise PretrainedError(f'{description}: cannot restore params ({first_line(e)}).') from None
-    config_path = os.path.join(path, os.pardir, os.pardir, 'config.json')  # WORKDIR/x/<step>
-    if os.path.isfile(config_path):
-      import ml_collections  # pylint: disable=g-import-not-at-top
-      from vit_flax import config as config_lib  # pylint: disable=g-import-not-at-top
-      config = config_lib.resolve(ml_collections.ConfigDict(rundir.read_json(config_path)))
-  else:
-    raise PretrainedError(f'{description}: neither a vit_flax run directory (config.json) nor a '
-                          'checkpoint step directory (params/).')
-  facts = {}
-  if config is not None:
-    model = config.model.to_dict()
-    facts['model'] = model
-    shape = input_pipeline.image_shape(config.dataset_name, config.dataset_configs)
-    patch = model['tokenizer']['patches']['size']
-    if shape is not None:
-      facts['grid_size'] = (shape[0] // patch[0], shape[1] // patch[1])
-  return flatten_params(params), facts
-
-
 def _latest_flax_checkpoint(path: str, description: str) -> str:
   """`path` itself, or its `checkpoint_<step>` file with the largest step."""
   if os.path.isfile(path):
@@ -389,7 +354,8 @@ def _timm_block(state, prefix, name, heads, take, linear, description) -> dict[s
   return out
 
 
-READERS = {'vit_flax': _read_vit_flax, 'scenic': _read_scenic, 'vit_jax': _read_vit_jax,
-            'big_vision': _read_big_vision, 'timm': _read_timm}
+# The readers of the other projects' files; 'vit_flax' runs are read by `checkpoints`.
+READERS = {'scenic': _read_scenic, 'vit_jax': _read_vit_jax, 'big_vision': _read_big_vision,
+           'timm': _read_timm}
 
 

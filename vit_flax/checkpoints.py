@@ -24,6 +24,7 @@ import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
 
+from vit_flax import checkpoint_formats
 from vit_flax import config as config_lib
 from vit_flax import input_pipeline
 from vit_flax import models
@@ -326,3 +327,35 @@ def size_of(config: ml_collections.ConfigDict) -> int:
                                                train=False))
   num_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(abstract['params']))
   return checkpoint_bytes(num_params, ema=bool(config.ema_decay), optimizer=config.optimizer)
+
+
+def read_as_pretrained(path: str, description: str
+                       ) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+  """A vit_flax run directory (config.json) or one checkpoint step directory (params/) as a
+  pretrained source for `pretrained.read_checkpoint`: (flat params, facts about the model)."""
+  config = None
+  if os.path.isfile(os.path.join(path, 'config.json')):
+    run = load_run(path)
+    config, params = run.config, run.params
+  elif os.path.isdir(os.path.join(path, 'params')):
+    try:
+      params = ocp.StandardCheckpointer().restore(os.path.join(path, 'params'))
+    except Exception as e:  # pylint: disable=broad-except  (orbax / tensorstore raise many kinds)
+      raise checkpoint_formats.PretrainedError(
+          f'{description}: cannot restore params ({checkpoint_formats.first_line(e)}).') from None
+    config_path = os.path.join(path, os.pardir, os.pardir, 'config.json')  # WORKDIR/x/<step>
+    if os.path.isfile(config_path):
+      config = config_lib.resolve(ml_collections.ConfigDict(rundir.read_json(config_path)))
+  else:
+    raise checkpoint_formats.PretrainedError(
+        f'{description}: neither a vit_flax run directory (config.json) nor a checkpoint step '
+        'directory (params/).')
+  facts = {}
+  if config is not None:
+    model = config.model.to_dict()
+    facts['model'] = model
+    shape = input_pipeline.image_shape(config.dataset_name, config.dataset_configs)
+    patch = model['tokenizer']['patches']['size']
+    if shape is not None:
+      facts['grid_size'] = (shape[-3] // patch[0], shape[-2] // patch[1])  # Of (T,) H, W, C.
+  return checkpoint_formats.flatten_params(params), facts

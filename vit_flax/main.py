@@ -53,9 +53,9 @@ def main(argv: list[str]) -> None:
   name = os.path.splitext(os.path.basename(config_path.split(':')[0]))[0]
   try:  # Bad input is a usage error: one line, before anything loads or compiles.
     train.train_and_evaluate(_CONFIG.value, _WORKDIR.value or os.path.join('runs', name))
-  except (config_lib.ConfigError, OSError, input_pipeline.DataError, pretrained.PretrainedError, rundir.WorkdirBusyError,
-          checkpoints.CheckpointMismatchError, checkpoints.CheckpointError,
-          train.TrainingDivergedError) as e:
+  except (config_lib.ConfigError, OSError, input_pipeline.DataError, pretrained.PretrainedError,
+          rundir.WorkdirBusyError, checkpoints.CheckpointMismatchError,
+          checkpoints.CheckpointError, train.TrainingDivergedError) as e:
     sys.exit(f'Error: {e}')  # One line on stderr, exit status 1.
   except train.TrainingStopped as e:
     print(e)  # One line: where the run stopped and how to resume.

@@ -34,6 +34,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from vit_flax import checkpoint_formats as formats
+from vit_flax import checkpoints
 from vit_flax import config as config_lib
 from vit_flax import models
 from vit_flax.checkpoint_formats import FORMATS, KNOWN_PATH, POSEMB, PretrainedError
@@ -70,7 +71,7 @@ def read_checkpoint(path: str | os.PathLike, checkpoint_format: str, *,
     ImportError: a torch state dict and no torch.
     PretrainedError: an unknown format, an unreadable file, or parameters vit_flax cannot express.
   """
-  if checkpoint_format not in formats.READERS:
+  if checkpoint_format not in FORMATS:
     raise PretrainedError(f'Unknown checkpoint_format {checkpoint_format!r}; expected one of '
                           f'{FORMATS}.')
   path = os.fspath(path)
@@ -78,7 +79,10 @@ def read_checkpoint(path: str | os.PathLike, checkpoint_format: str, *,
     raise FileNotFoundError(f'Pretrained checkpoint {path} not found.')
   description = f'{checkpoint_format} checkpoint {path}'
   given = formats.as_dict(source_model_config)
-  flat, facts = formats.READERS[checkpoint_format](path, given, description)
+  if checkpoint_format == 'vit_flax':
+    flat, facts = checkpoints.read_as_pretrained(path, description)
+  else:
+    flat, facts = formats.READERS[checkpoint_format](path, given, description)
   flat = {k: formats.as_float32(v) for k, v in flat.items()}
   known = {**facts.get('model', {}), **given}
   model = _describe(flat, known, facts, description)
