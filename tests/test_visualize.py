@@ -311,7 +311,7 @@ def test_write_plots_other_model(tmp_path, monkeypatch):
   params = _random_params(models.build_model(config.model, 10),
                           np.zeros((1, 28, 28, 1), np.float32))
   monkeypatch.setattr(checkpoints, 'load_run',
-                      lambda workdir: checkpoints.Run(config, params, 0, None))
+                      lambda workdir, checkpoint='last': checkpoints.Run(config, params, 0, None))
   paths = visualize.write_plots(str(tmp_path), num_images=2)
   names = {p.rsplit('/', 1)[-1] for p in paths}
   assert names == {'attention_rollout.png', 'patch_embedding_filters.png', 'token_maps.png',
@@ -331,7 +331,7 @@ def test_a_video_run_gets_its_token_maps_frame_by_frame(tmp_path, monkeypatch):
   params = _random_params(models.build_model(config.model, 8),
                           np.zeros((1, 8, 32, 32, 1), np.float32))
   monkeypatch.setattr(checkpoints, 'load_run',
-                      lambda workdir: checkpoints.Run(config, params, 0, None))
+                      lambda workdir, checkpoint='last': checkpoints.Run(config, params, 0, None))
   paths = visualize.write_plots(str(tmp_path), num_images=2)
   assert sorted(p.rsplit('/', 1)[-1] for p in paths) == ['token_maps_clip0.png',
                                                          'token_maps_clip1.png']

@@ -4,13 +4,12 @@ The arrays come from `analysis`; the `plot_*` functions here return
 `matplotlib.figure.Figure`s made without pyplot: `savefig` renders them with Agg, headless, and a
 notebook shows them inline; importing this module leaves pyplot's backend alone.
 
-  python -m vit_flax.visualize --workdir=DIR [--num_images=8] [--split=test]
+  python -m vit_flax.visualize --workdir=DIR [--checkpoint=last] [--num_images=8] [--split=test]
 
-loads the run's config.json and latest checkpoint, and writes PNGs to DIR/plots/.
+loads the run's config.json and a checkpoint (best, last or a step), and writes PNGs to DIR/plots/.
 """
 
 from collections.abc import Sequence
-import json
 import os
 import textwrap
 
@@ -26,6 +25,7 @@ from vit_flax import analysis
 from vit_flax import augment
 from vit_flax import checkpoints
 from vit_flax import cli
+from vit_flax import inference
 from vit_flax import config as config_lib
 from vit_flax import input_pipeline
 from vit_flax import layers
@@ -239,14 +239,16 @@ def plot_training_curves(records: Sequence[dict], title: str | None = None) -> m
 # Command line.
 
 
-def write_plots(workdir: str, *, num_images: int = 8, split: str = 'test',
-                head_fusion: str = 'mean', discard_ratio: float = 0.0) -> list[str]:
-  """Loads a run's config and latest checkpoint and writes its figures to WORKDIR/plots/.
+def write_plots(workdir: str, *, checkpoint: str = 'last', num_images: int = 8,
+                split: str = 'test', head_fusion: str = 'mean', discard_ratio: float = 0.0
+                ) -> list[str]:
+  """Loads a run's config and a checkpoint (best | last | a step) and writes its figures to
+  WORKDIR/plots/.
 
   Returns:
     The paths of the PNGs written.
   """
-  config, params, step, _ = checkpoints.load_run(workdir)
+  config, params, step, _ = checkpoints.load_run(workdir, checkpoint)
   plots_dir = os.path.join(workdir, 'plots')
   os.makedirs(plots_dir, exist_ok=True)
   written = []
@@ -367,29 +369,13 @@ def _load_images(config, split: str, num_images: int):
   return {'raw': raw, 'inputs': np.asarray(inputs)}, labels, dataset
 
 
-def check_flags(workdir: str | None, *, num_images: int = 8, split: str = 'test',
-                head_fusion: str = 'mean', discard_ratio: float = 0.0) -> None:
+def check_flags(workdir: str | None, *, checkpoint: str = 'last', num_images: int = 8,
+                split: str = 'test', head_fusion: str = 'mean', discard_ratio: float = 0.0) -> None:
   """Raises cli.FlagError (one line) unless the flags name a trained run and valid figure options.
 
   Reads only the file system: nothing is loaded or compiled.
   """
-  if not workdir:
-    raise cli.FlagError('--workdir is required: a run directory (config.json, checkpoints/).')
-  if not os.path.isdir(workdir):
-    raise cli.FlagError(f'--workdir={workdir} is not a directory.')
-  config_path = os.path.join(workdir, 'config.json')
-  if not os.path.isfile(config_path):
-    raise cli.FlagError(f'--workdir={workdir} has no config.json: is it a vit_flax run directory?')
-  try:
-    with open(config_path) as f:
-      json.load(f)
-  except ValueError as e:
-    raise cli.FlagError(f'{config_path} is not valid JSON ({e}).') from None
-  checkpoint_dir = os.path.join(workdir, 'checkpoints')
-  steps = os.listdir(checkpoint_dir) if os.path.isdir(checkpoint_dir) else []
-  if not any(name.isdigit() for name in steps):  # orbax names a finished checkpoint by its step.
-    raise cli.FlagError(f'--workdir={workdir} has no checkpoint in {checkpoint_dir}: train the '
-                        'run first (python -m vit_flax.main).')
+  inference.check_run(workdir, checkpoint)
   if num_images < 1:
     raise cli.FlagError(f'--num_images must be >= 1, got {num_images}.')
   if split not in SPLITS:
@@ -412,8 +398,8 @@ def main(argv: Sequence[str]) -> None:
   with cli.errors_in_one_line(*USER_ERRORS):
     if len(argv) > 1:
       raise cli.FlagError(f'Unexpected arguments: {" ".join(argv[1:])}')
-    options = dict(num_images=f.num_images, split=f.split, head_fusion=f.head_fusion,
-                   discard_ratio=f.discard_ratio)
+    options = dict(checkpoint=f.checkpoint, num_images=f.num_images, split=f.split,
+                   head_fusion=f.head_fusion, discard_ratio=f.discard_ratio)
     check_flags(f.workdir, **options)
     paths = write_plots(f.workdir, **options)
   for path in paths:
@@ -423,6 +409,7 @@ def main(argv: Sequence[str]) -> None:
 def _define_flags() -> None:
   """The command-line flags; defined only when run as a script, so importing defines none."""
   flags.DEFINE_string('workdir', None, 'Run directory (config.json, checkpoints/); required.')
+  flags.DEFINE_string('checkpoint', 'last', 'best | last | a step number.')
   flags.DEFINE_integer('num_images', 8, 'How many images to draw (>= 1).')
   flags.DEFINE_string('split', 'test', f'Which images to draw: {" | ".join(SPLITS)}.')
   flags.DEFINE_string('head_fusion', 'mean',
