@@ -1,4 +1,4 @@
-"""ViT + TokenLearner V1.1 on Fashion-MNIST: patch 4 (49 tokens) -> 8 learned tokens after block 0.
+"""ViT + TokenLearner V1.1 on Fashion-MNIST: patch 4 (49 tokens) -> 8 learned tokens before block 2.
 
 configs/fashion_mnist_vit.py is this file without the learner (same recipe, data order, seed and
 steps), so the pair answers "what does TokenLearner cost and buy". Model: 28x28x1, width 64,
@@ -30,15 +30,17 @@ def get_config() -> ml_collections.ConfigDict:
   config.dataset_configs.idx_dir = placeholder(str)  # None: Debian's location.
   config.dataset_configs.allow_download = True
   config.dataset_configs.validation_size = 5000  # Carved from the end of train.
-  config.dataset_configs.crop_padding = 2
-  config.dataset_configs.random_flip = True  # Clothes are (mostly) mirror-symmetric.
+  # No augmentation: within this budget the model underfits, and pad-and-crop plus flips cost
+  # 2.7 points at 6 epochs (measured; see the README).
+  config.dataset_configs.crop_padding = 0
+  config.dataset_configs.random_flip = False
   config.dataset_configs.random_resized_crop = placeholder(float)  # Smallest area kept.
   config.dataset_configs.trivial_augment = False
 
   config.batch_size = 128
   config.eval_batch_size = 1000
   config.microbatch_size = 64  # 64 x 49 tokens per micro-batch: measured fastest on 2 cores.
-  config.num_training_epochs = 18  # 7,722 steps: the ViT's budget of about 20 minutes here.
+  config.num_training_epochs = 8  # 3,432 steps: the ViT's budget of under 20 minutes here.
   config.num_training_steps = placeholder(int)  # Wins over epochs when set.
   config.log_summary_steps = 250
   config.log_eval_steps = 500
@@ -74,12 +76,12 @@ def get_config() -> ml_collections.ConfigDict:
   config.model.dropout_rate = 0.0
   config.model.attention_dropout_rate = 0.0
   config.model.stochastic_depth = 0.0
-  config.model.positional_embedding = 'sinusoidal_2d'  # Fixed 2-D sin-cos: learns faster here.
+  config.model.positional_embedding = 'learned_1d'  # scenic's; as good as sin-cos here.
   config.model.tokenizer = ml_collections.ConfigDict()
   config.model.tokenizer.type = 'dynamic'  # TokenLearner.
   config.model.tokenizer.patches = ml_collections.ConfigDict({'size': (4, 4)})
   config.model.tokenizer.num_tokens = 8
-  config.model.tokenizer.tokenlearner_loc = 1  # Learn the tokens before this block.
+  config.model.tokenizer.tokenlearner_loc = 2  # Learn the tokens before this block (of 6).
   config.model.tokenizer.use_v11 = True
   config.model.tokenizer.use_tokenfuse = False
   config.model_dtype_str = 'float32'

@@ -10,6 +10,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 from absl.testing import absltest
 
 from vit_flax import layers
@@ -175,3 +176,17 @@ class EncoderBlockTest(chex.TestCase):
 
 if __name__ == '__main__':
   absltest.main()
+
+
+@pytest.mark.parametrize('depthwise, strides, use_bias', [(True, 1, True), (False, 2, False),
+                                                          (False, 1, True)])
+def test_shifted_conv_is_nn_conv(depthwise, strides, use_bias):
+  """The same parameters (names, shapes, init) and outputs as nn.Conv with padding k // 2."""
+  x = jax.random.normal(jax.random.key(0), (2, 14, 14, 8))
+  features = 8 if depthwise else 16
+  ours = layers.ShiftedConv(features, strides=strides, depthwise=depthwise, use_bias=use_bias)
+  conv = nn.Conv(features, (3, 3), strides=strides, padding=((1, 1), (1, 1)),
+                 feature_group_count=8 if depthwise else 1, use_bias=use_bias)
+  variables = conv.init(jax.random.key(1), x)
+  jax.tree.map(np.testing.assert_array_equal, ours.init(jax.random.key(1), x), variables)
+  np.testing.assert_allclose(ours.apply(variables, x), conv.apply(variables, x), atol=1e-5)

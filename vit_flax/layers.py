@@ -68,6 +68,44 @@ class PatchEmbedding(nn.Module):
     return x.astype(self.dtype) @ w + bias.astype(self.dtype)  # [B, *grid, D]
 
 
+class ShiftedConv(nn.Module):
+  """A k x k convolution `[B, H, W, C]` -> `[B, H', W', F]` with `nn.Conv`'s parameters (kernel
+  `[k, k, C or 1, F]`, bias `[F]`, the same inits), padding k // 2 on every side, computed from
+  the k * k shifted (strided) slices of the padded input: one matmul, or for a depthwise
+  convolution (`depthwise`, F = C) a weighted sum. On a CPU XLA's own convolution is many times
+  slower, above all depthwise and in the backward pass.
+  """
+  features: int
+  kernel_size: int = 3
+  strides: int = 1
+  depthwise: bool = False  # feature_group_count = C.
+  use_bias: bool = True
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    k, s, c = self.kernel_size, self.strides, x.shape[-1]
+    if self.depthwise and self.features != c:
+      raise ValueError(f'A depthwise convolution keeps the {c} channels, got features='
+                       f'{self.features}.')
+    kernel = self.param('kernel', nn.initializers.lecun_normal(),
+                        (k, k, 1 if self.depthwise else c, self.features), jnp.float32)
+    p = k // 2
+    x = jnp.pad(x.astype(self.dtype), ((0, 0), (p, p), (p, p), (0, 0)))  # [B, H+2p, W+2p, C]
+    ho, wo = (x.shape[1] - k) // s + 1, (x.shape[2] - k) // s + 1
+    shifted = [x[:, i:i + (ho - 1) * s + 1:s, j:j + (wo - 1) * s + 1:s]  # [B, H', W', C] each
+               for i in range(k) for j in range(k)]
+    w = kernel.astype(self.dtype)
+    if self.depthwise:
+      y = sum(a * w[i // k, i % k, 0] for i, a in enumerate(shifted))  # [B, H', W', C]
+    else:
+      y = jnp.concatenate(shifted, axis=-1) @ w.reshape(k * k * c, -1)  # [B, H', W', F]
+    if self.use_bias:
+      y = y + self.param('bias', nn.initializers.zeros, (self.features,), jnp.float32
+                         ).astype(self.dtype)
+    return y
+
+
 class AddPositionEmbs(nn.Module):
   """Adds a learned `pos_embedding` `[1, N, D]` (init normal(0.02)) to `[B, N, D]` inputs."""
   posemb_init: nn.initializers.Initializer = nn.initializers.normal(stddev=0.02)

@@ -11,7 +11,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from vit_flax.layers import Dtype, MlpBlock
+from vit_flax.layers import Dtype, MlpBlock, ShiftedConv
 
 
 def _tokens_and_grid(x: jax.Array, grid_hw: tuple[int, int] | None) -> tuple[jax.Array, int, int]:
@@ -53,11 +53,11 @@ class TokenLearnerModule(nn.Module):
     x, h, w = _tokens_and_grid(x, grid_hw)  # [B, N, C]
     b, n, c = x.shape
     a = nn.LayerNorm(dtype=self.dtype)(x).reshape(b, h, w, c)  # [B, h, w, C]
-    conv = lambda: nn.Conv(self.num_tokens, (3, 3), padding='SAME', use_bias=False,
-                           dtype=self.dtype)
-    for _ in range(3):
-      a = nn.gelu(conv()(a))  # [B, h, w, S]
-    a = conv()(a)  # [B, h, w, S]
+    conv = lambda i: ShiftedConv(self.num_tokens, use_bias=False, dtype=self.dtype,
+                                 name=f'Conv_{i}')  # nn.Conv(S, (3, 3), 'SAME')'s tree.
+    for i in range(3):
+      a = nn.gelu(conv(i)(a))  # [B, h, w, S]
+    a = conv(3)(a)  # [B, h, w, S]
     maps = jax.nn.sigmoid(a.astype(jnp.float32).reshape(b, n, self.num_tokens))  # [B, N, S]
     maps = maps.transpose(0, 2, 1)  # [B, S, N]
     self.sow('intermediates', 'token_maps', maps.reshape(b, self.num_tokens, h, w))

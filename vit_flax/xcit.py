@@ -21,7 +21,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from vit_flax.layers import (Dtype, LayerScale, MlpBlock, MultiHeadDotProductAttention,
-                             StochasticDepth, XAVIER, model_errors, raise_if_invalid)
+                             ShiftedConv, StochasticDepth, XAVIER, model_errors,
+                             raise_if_invalid)
 from vit_flax.vit import token_learner
 
 
@@ -65,8 +66,8 @@ class ConvStem(nn.Module):
     for i in range(n):
       if i:
         x = nn.gelu(x, approximate=self.approximate_gelu)
-      x = nn.Conv(self.hidden_size // 2**(n - 1 - i), (3, 3), strides=2,
-                  padding=((1, 1), (1, 1)), use_bias=False, dtype=self.dtype)(x)  # [B, h, w, D']
+      x = ShiftedConv(self.hidden_size // 2**(n - 1 - i), strides=2, use_bias=False,
+                      dtype=self.dtype, name=f'Conv_{i}')(x)  # [B, h, w, D']
       x = _batch_norm(train, self.dtype)(x)
     return x
 
@@ -80,10 +81,9 @@ class LPI(nn.Module):
   @nn.compact
   def __call__(self, x: jax.Array, *, train: bool = False) -> jax.Array:
     d = x.shape[-1]
-    conv = lambda: nn.Conv(d, (3, 3), padding=((1, 1), (1, 1)), feature_group_count=d,
-                           dtype=self.dtype)
-    x = nn.gelu(conv()(x), approximate=self.approximate_gelu)
-    return conv()(_batch_norm(train, self.dtype)(x))
+    conv = lambda i: ShiftedConv(d, depthwise=True, dtype=self.dtype, name=f'Conv_{i}')
+    x = nn.gelu(conv(0)(x), approximate=self.approximate_gelu)
+    return conv(1)(_batch_norm(train, self.dtype)(x))
 
 
 class XCA(nn.Module):
