@@ -13,6 +13,7 @@ import sys
 from flax.traverse_util import flatten_dict as flax_flatten
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import optax
 import pytest
@@ -276,10 +277,10 @@ def test_stopped_then_resumed_equals_uninterrupted(tiny_run, tmp_path, monkeypat
     if step == 20:
       raise _Stop()
 
-  monkeypatch.setattr(rundir, 'save', save_then_stop)
+  monkeypatch.setattr(checkpoints, 'save', save_then_stop)
   with pytest.raises(_Stop):
     train.train_and_evaluate(tiny_config(), str(tmp_path))
-  monkeypatch.setattr(rundir, 'save', save)
+  monkeypatch.setattr(checkpoints, 'save', save)
   summary = train.train_and_evaluate(tiny_config(), str(tmp_path))
 
   reference_dir, reference = tiny_run
@@ -477,3 +478,62 @@ def test_init_from_a_run_starts_from_its_parameters_with_a_fresh_head(tiny_run, 
   config.init_from.checkpoint_path = str(tmp_path / 'nowhere')
   with pytest.raises(config_lib.ConfigError, match='init_from.checkpoint_path=.*does not exist'):
     train.train_and_evaluate(config, str(tmp_path / 'other'))
+
+
+def test_deit_distillation_loss_is_the_mean_of_the_label_and_teacher_losses():
+  """DeiT's hard distillation (Touvron et al. 2021, eq. 3): the class head learns the labels, the
+  distillation head the teacher's argmax on the same images; accuracy is of the mean of the heads."""
+  config = tiny_config()
+  config.model = ml_collections.ConfigDict(dict(
+      name='deit', hidden_size=16, num_layers=1, num_heads=2, mlp_dim=32, patch_size=(7, 7)))
+  config = config_lib.resolve(config)
+  student = models.build_model(config.model, 10)
+  teacher_model, teacher_state, batch = _dropout_free_state_and_batch(8)
+  teacher = (teacher_model.apply, {'params': teacher_state.params})  # As train.py builds it.
+  state = steps.create_train_state(jax.random.PRNGKey(0), config, student, (1, 28, 28, 1), 10,
+                                   teacher=teacher)
+  params = jax.tree.map(lambda p: p + 0.05 * jax.random.normal(jax.random.PRNGKey(4), p.shape),
+                        state.params)  # Random heads: the two heads and their losses differ.
+  state = state.replace(params=params)
+  _, metrics = steps.train_step(state, batch, jax.random.PRNGKey(3))
+  cls_logits, dist_logits = student.apply({'params': params}, batch['inputs'], return_heads=True)
+  teacher_labels = jnp.argmax(teacher_model.apply({'params': teacher_state.params},
+                                                  batch['inputs']), -1)
+  expected = 0.5 * (optax.softmax_cross_entropy_with_integer_labels(cls_logits, batch['label'])
+                    + optax.softmax_cross_entropy_with_integer_labels(dist_logits,
+                                                                      teacher_labels)).mean()
+  np.testing.assert_allclose(metrics['loss'], expected, rtol=1e-5)
+  mean_heads = (cls_logits + dist_logits) / 2
+  np.testing.assert_allclose(metrics['accuracy'],
+                             jnp.mean(jnp.argmax(mean_heads, -1) == batch['label']), rtol=1e-6)
+
+
+def test_deit_trains_end_to_end_from_a_teacher_run(tiny_run, tmp_path):
+  config = tiny_config()
+  config.model = ml_collections.ConfigDict(dict(
+      name='deit', hidden_size=16, num_layers=1, num_heads=2, mlp_dim=32, patch_size=(7, 7)))
+  config.num_training_steps = 4
+  config.log_eval_steps = config.checkpoint_steps = 4
+  config.distillation = ml_collections.ConfigDict(dict(teacher_workdir=tiny_run[0]))
+  summary = train.train_and_evaluate(config, str(tmp_path))
+  assert summary['steps'] == 4 and np.isfinite(summary['test_loss'])
+
+
+def test_resuming_with_another_model_config_is_a_one_line_error(tiny_run, tmp_path):
+  workdir = tmp_path / 'run'
+  shutil.copytree(tiny_run[0], workdir)
+  (workdir / 'summary.json').unlink()
+  for key, value, message in (('mlp_dim', 48, 'do not fit this model config'),  # Shapes.
+                               ('dropout_rate', 0.3, r'another model config \(changed: dropout')):
+    config = tiny_config()
+    config.model[key] = value  # Not what the checkpoints were trained with.
+    with pytest.raises(checkpoints.CheckpointMismatchError, match=message) as info:
+      train.train_and_evaluate(config, str(workdir))
+    assert '\n' not in str(info.value)
+    assert sorted(os.listdir(workdir / 'checkpoints')) == ['30', '40']  # Nothing moved aside.
+
+
+def test_a_disk_without_room_for_two_checkpoints_is_refused_first(tmp_path):
+  with pytest.raises(OSError, match='MiB free, less than two checkpoints need'):
+    rundir.check_workdir(str(tmp_path), checkpoint_bytes=2**62)
+  rundir.check_workdir(str(tmp_path), checkpoint_bytes=2**20)

@@ -253,11 +253,10 @@ class ConfigTest(parameterized.TestCase):
 
   @parameterized.named_parameters(
       ('unknown_key', dict(patch_size=4), 'unknown key model.patch_size'),
-      ('unknown_tokenizer_key', dict(tok_temporal_encoding_config=1),
-       r"tokenizer.temporal_encoding_config"),
+      ('unknown_tokenizer_key', dict(tok_patch_size=4), r"tokenizer.patch_size"),
       ('classifier', dict(classifier='map'), 'unknown classifier'),
       ('posemb', dict(positional_embedding='sinusoidal_1d'), 'unknown positional_embedding'),
-      ('tokenizer_type', dict(tok_type='video'), 'tokenizer.type must be one of'),
+      ('tokenizer_type', dict(tok_type='frames'), 'tokenizer.type must be one of'),
       ('loc_too_big', dict(tokenizer_type='dynamic', tok_tokenlearner_loc=LAYERS),
        'tokenlearner_loc'),
       ('loc_negative', dict(tokenizer_type='dynamic', tok_tokenlearner_loc=-1), 'tokenlearner_loc'),

@@ -27,12 +27,13 @@ class TrainState(train_state.TrainState):
 
   ema_params: an exponential moving average of `params`, or None.
   batch_stats: BatchNorm running statistics of models that have them (XCiT), or None.
-  teacher_params / teacher_apply_fn: a frozen teacher for DeiT's distillation token, or None
+  teacher_variables / teacher_apply_fn: the variables ({'params': ...[, 'batch_stats': ...]}) and
+    apply function of a frozen teacher for DeiT's distillation token, or None
     (carried, never updated or checkpointed).
   """
   ema_params: Any = None
   batch_stats: Any = None
-  teacher_params: Any = None
+  teacher_variables: Any = None
   teacher_apply_fn: Any = flax.struct.field(pytree_node=False, default=None)
 
 
@@ -51,13 +52,13 @@ def create_train_state(rng: jax.Array, config: ml_collections.ConfigDict, model:
   if the model has any, the optimizer and, with `config.ema_decay`, the parameter average.
 
   Runs under jit with `sharding` for every output (replicated over the mesh in training).
-  `teacher` is (apply_fn, params) of a trained model whose predictions DeiT's distillation head
+  `teacher` is (apply_fn, variables) of a trained model whose predictions DeiT's distillation head
   learns (see `train_step`).
   """
   tx = optim.make_optimizer(config, total_steps)
   head_bias = config.init_head_bias
 
-  def init(key_data, teacher_params):
+  def init(key_data, teacher_variables):
     variables = model.init(jax.random.wrap_key_data(key_data), jnp.zeros(input_shape, jnp.float32),
                            train=False)
     params = variables['params']
@@ -69,11 +70,11 @@ def create_train_state(rng: jax.Array, config: ml_collections.ConfigDict, model:
     ema = jax.tree.map(jnp.copy, params) if config.ema_decay else None
     return TrainState.create(
         apply_fn=model.apply, params=params, tx=tx, ema_params=ema,
-        batch_stats=variables.get('batch_stats'), teacher_params=teacher_params,
+        batch_stats=variables.get('batch_stats'), teacher_variables=teacher_variables,
         teacher_apply_fn=teacher[0] if teacher else None)
 
-  teacher_params = teacher[1] if teacher else None
-  return jax.jit(init, out_shardings=sharding)(host_key_data(rng), teacher_params)
+  teacher_variables = teacher[1] if teacher else None
+  return jax.jit(init, out_shardings=sharding)(host_key_data(rng), teacher_variables)
 
 
 def _microbatches(a: jax.Array, num_microbatches: int) -> jax.Array:
@@ -129,7 +130,7 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], rng: jax.Array, *
           rngs={'dropout': rng}, mutable=['batch_stats'], **kwargs)
       new_stats = updates['batch_stats']
     if distill:
-      teacher_logits = state.teacher_apply_fn({'params': state.teacher_params}, inputs,
+      teacher_logits = state.teacher_apply_fn(state.teacher_variables, inputs,
                                               train=False)
       teacher_targets = jax.nn.one_hot(jnp.argmax(teacher_logits, -1), num_classes)  # [B, K]
       losses = 0.5 * (optim.losses_from_targets(logits[0], targets, loss=loss)
