@@ -25,6 +25,7 @@ def get_config() -> ml_collections.ConfigDict:
   config.lr_configs.warmup_steps = 100
   config.log_eval_steps = 100
   config.checkpoint_steps = 500
+  config.model.positional_embedding = 'learned_1d'  # The source's: its embedding is loaded.
   config.init_from = ml_collections.ConfigDict(dict(
       checkpoint_path='runs/fashion_mnist_vit', checkpoint_format='vit_flax',
       restore_head=False,  # MNIST's digits are not Fashion-MNIST's classes: a fresh head.

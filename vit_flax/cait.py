@@ -67,9 +67,6 @@ class CaiT(nn.Module):
   @nn.compact
   def __call__(self, images: jax.Array, *, train: bool = False) -> jax.Array:
     errors = model_errors(self, images.shape, self.patch_size)
-    if self.hidden_size % self.num_heads:
-      errors.append(f'hidden_size {self.hidden_size} is not divisible by num_heads '
-                    f'{self.num_heads}')
     if self.num_class_layers < 1:
       errors.append(f'num_class_layers must be >= 1, got {self.num_class_layers}')
     raise_if_invalid('CaiT', errors)

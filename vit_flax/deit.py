@@ -44,9 +44,6 @@ class DeiT(nn.Module):
                return_heads: bool = False) -> jax.Array | tuple[jax.Array, jax.Array]:
     """Mean of the two heads' logits (DeiT's inference rule), or `(cls_logits, dist_logits)`."""
     errors = model_errors(self, images.shape, self.patch_size)
-    if self.hidden_size % self.num_heads:
-      errors.append(f'hidden_size {self.hidden_size} is not divisible by num_heads '
-                    f'{self.num_heads}')
     raise_if_invalid('DeiT', errors)
     x = PatchEmbedding(self.hidden_size, self.patch_size, self.dtype,
                        name='embedding')(images)  # [B, h, w, D]

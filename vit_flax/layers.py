@@ -258,7 +258,8 @@ def model_errors(m: nn.Module, shape: Sequence[int], patch_size: Sequence[int]) 
   """The problems the model families share: NHWC input, patch sizes, class count, rates, learner.
 
   `m` is read by field name (`num_classes`, the optional `dropout_rate`, `attention_dropout_rate`,
-  `stochastic_depth`, `tokenlearner_loc` / `num_tokens` / `num_layers`), so any family can use it.
+  `stochastic_depth`, `tokenlearner_loc` / `num_tokens` / `num_layers`, and an int `num_heads`
+  that must divide `hidden_size`), so any family can use it.
   """
   errors = []
   if len(shape) != 4:
@@ -273,6 +274,9 @@ def model_errors(m: nn.Module, shape: Sequence[int], patch_size: Sequence[int]) 
   for name in ('dropout_rate', 'attention_dropout_rate', 'stochastic_depth'):
     if not 0.0 <= getattr(m, name, 0.0) < 1.0:
       errors.append(f'{name} must be in [0, 1), got {getattr(m, name)}')
+  heads = getattr(m, 'num_heads', None)
+  if isinstance(heads, int) and heads > 0 and m.hidden_size % heads:
+    errors.append(f'hidden_size {m.hidden_size} is not divisible by num_heads {heads}')
   loc = getattr(m, 'tokenlearner_loc', None)
   if loc is not None:
     if not 0 <= loc < m.num_layers:

@@ -228,9 +228,6 @@ class XCiT(nn.Module):
     elif self.hidden_size % (p // 2):
       errors.append(f'hidden_size {self.hidden_size} must be divisible by patch_size / 2 = '
                     f'{p // 2} (the stem halves the width per conv)')
-    if self.hidden_size % self.num_heads:
-      errors.append(f'hidden_size {self.hidden_size} is not divisible by num_heads '
-                    f'{self.num_heads}')
     if self.num_class_layers < 1:
       errors.append(f'num_class_layers must be >= 1, got {self.num_class_layers}')
     raise_if_invalid('XCiT', errors)
