@@ -512,6 +512,9 @@ def _commands(pristine: pathlib.Path, tmp: pathlib.Path) -> dict[str, tuple[list
                             'Error: --windows must be >= 1, got 0.'),
       'compare_configs_missing': (['vit_flax.compare', '--configs=tiny.py,none.py'],
                                   'Error: Config file none.py not found.'),
+      'export_tokenlearner_run': (
+          ['vit_flax.export', f'--workdir={pristine}', f'--output={tmp / "vit.npz"}'],
+          'Error: A vit_jax checkpoint cannot hold this model: a TokenLearner'),
   }
 
 
@@ -534,7 +537,8 @@ def running_commands(pristine_run, tmp_path_factory):
 
 
 @pytest.mark.parametrize('command_id', [
-    'main_missing_data', 'visualize_edited_run', 'benchmark_windows', 'compare_configs_missing'])
+    'main_missing_data', 'visualize_edited_run', 'benchmark_windows', 'compare_configs_missing',
+    'export_tokenlearner_run'])
 def test_command_fails_with_one_stderr_line(running_commands, command_id):
   """Exit status 1, no traceback; the last stderr line is the error. The tools print nothing else;
   main's trainer logs its INFO line about the run (devices, workdir) before it loads the data."""

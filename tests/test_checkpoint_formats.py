@@ -16,7 +16,9 @@ import helpers
 import pretrained_sources as src
 from pretrained_sources import CLASSES, IMG
 from vit_flax import checkpoints
+from vit_flax import cli
 from vit_flax import config as config_lib
+from vit_flax import export
 from vit_flax import models
 from vit_flax import rundir
 from vit_flax.pretrained import export_vit_jax, load_pretrained, read_checkpoint
@@ -178,6 +180,28 @@ def test_export_vit_jax_then_load_gives_equal_logits(tmp_path, classifier, rep):
   images = src.images()
   _assert_same_logits(_logits(cfg, loaded, images), _logits(cfg, params, images))
 
+
+
+def test_export_command_writes_the_runs_vit_with_equal_logits(tmp_path):
+  config, saved = _tiny_run(tmp_path / 'run', tokenizer_type='patch')
+  result = export.export_run(str(tmp_path / 'run'), str(tmp_path / 'vit.npz'))
+  assert result['step'] == 40 and result['num_classes'] == 10
+  loaded = load_pretrained(tmp_path / 'vit.npz', checkpoint_format='vit_jax',
+                           model_config=config.model, num_classes=10, image_size=28,
+                           init_params=jax.tree.map(np.zeros_like, saved))
+  images = np.random.default_rng(0).uniform(-1, 1, (4, 28, 28, 1)).astype(np.float32)
+  _assert_same_logits(_logits(config.model, loaded, images, 10),
+                      _logits(config.model, saved, images, 10))
+
+
+@pytest.mark.parametrize('output,fragment', [
+    (None, '--output is required'), ('vit.txt', 'must name a .npz file'),
+    ('missing/vit.npz', 'does not exist')])
+def test_export_command_checks_its_output_before_loading(tmp_path, output, fragment):
+  _tiny_run(tmp_path / 'run', tokenizer_type='patch')
+  with pytest.raises(cli.FlagError, match=fragment):
+    export.export_run(str(tmp_path / 'run'), output and str(tmp_path / output))
+  assert not list(tmp_path.glob('*.npz'))
 
 # ------------------------------------------------------------------------------------------------
 # Against timm itself (torch and timm are optional: skipped where they are not installed).

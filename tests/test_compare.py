@@ -186,6 +186,15 @@ def test_every_family_is_labelled(reference, label):
   assert comparison_report.FAMILY_NAMES[fields['family']] == label
 
 
+
+def test_video_models_are_labelled_with_and_without_their_learner():
+  from vit_flax.configs import moving_fashion_mnist_tl, moving_fashion_mnist_vit  # pylint: disable=g-import-not-at-top
+  with_learner = comparison_report.model_fields(moving_fashion_mnist_tl.get_config())
+  assert (with_learner['label'], with_learner['tokenizer']) == (
+      'ViViT + TokenLearner (S=8, loc=1)', 'dynamic')
+  plain = comparison_report.model_fields(moving_fashion_mnist_vit.get_config())
+  assert (plain['label'], plain['tokenizer'], plain['num_tokens']) == ('ViViT', 'patch', None)
+
 def test_labels_name_the_tokenlearner_and_distillation():
   deit = models.reference_config('deit_tiny_distilled_patch16_224')
   deit.tokenlearner_loc, deit.num_tokens = 4, 16

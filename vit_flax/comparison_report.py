@@ -29,9 +29,13 @@ def model_fields(config: ml_collections.ConfigDict) -> dict[str, Any]:
   model = models.resolve_model(config.model)
   family = model['name']
   learner = model['tokenizer'] if family == 'vit' else model
-  has_learner = learner['type'] == 'dynamic' if family == 'vit' else (
-      learner.get('tokenlearner_loc') is not None)
-  label = FAMILY_NAMES.get(family, family)
+  if family == 'vit':  # Images: the 'dynamic' tokenizer; clips: 'video' with a learner's place.
+    has_learner = learner['type'] == 'dynamic' or (
+        learner['type'] == 'video' and learner['tokenlearner_loc'] is not None)
+  else:
+    has_learner = learner.get('tokenlearner_loc') is not None
+  label = 'ViViT' if family == 'vit' and learner['type'] == 'video' else FAMILY_NAMES.get(family,
+                                                                                          family)
   if family == 'deit' and config.get('distillation'):
     label += ' (distilled)'
   if has_learner:
