@@ -9,6 +9,9 @@ with a 100-step warmup (the family comparison's budget); only the model differs,
 
 Command:
   python -m vit_flax.main --config=configs/fashion_mnist_cait.py
+
+Measured 2026-12-02 (2-core AMD EPYC Zen 3, AVX2, no GPU, nothing else running; the family compare
+in the README): test accuracy 81.27% (EMA 81.17%) after 1 epoch, 622 train images/s, 147 s wall.
 """
 
 import ml_collections

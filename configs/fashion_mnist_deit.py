@@ -10,6 +10,10 @@ with a 100-step warmup (the family comparison's budget); only the model differs,
 Command:
   python -m vit_flax.main --config=configs/fashion_mnist_vit.py  # the teacher, first
   python -m vit_flax.main --config=configs/fashion_mnist_deit.py
+
+Measured 2026-12-02 (2-core AMD EPYC Zen 3, AVX2, no GPU, nothing else running; the family compare
+in the README, teacher: the 16-epoch ViT run at 89.6%): test accuracy 80.90% (EMA 80.73%) after 1
+epoch, 731 train images/s, 123 s wall.
 """
 
 import ml_collections

@@ -8,6 +8,9 @@ with a 100-step warmup (the family comparison's budget); only the model differs,
 
 Command:
   python -m vit_flax.main --config=configs/fashion_mnist_swin.py
+
+Measured 2026-12-02 (2-core AMD EPYC Zen 3, AVX2, no GPU, nothing else running; the family compare
+in the README): test accuracy 84.04% (EMA 84.00%) after 1 epoch, 697 train images/s, 135 s wall.
 """
 
 import ml_collections

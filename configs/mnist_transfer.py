@@ -10,6 +10,10 @@ Command:
   python -m vit_flax.main --config=configs/fashion_mnist_vit.py  # the pretrained model, first
   python -m vit_flax.compare --configs=mnist_scratch.py,mnist_transfer.py,mnist_transfer_2x.py,\
 mnist_scratch_tl.py,mnist_transfer_tl.py --workdir=runs/transfer
+
+Measured 2026-12-02 (2-core AMD EPYC Zen 3, AVX2, no GPU, nothing else running; the compare command
+above): test accuracy 95.3% (EMA 95.4%) on the 5k sample, 1,100 train images/s, 140 s wall (from
+scratch: 92.6%).
 """
 
 import ml_collections

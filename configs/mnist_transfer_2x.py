@@ -2,12 +2,16 @@
 
 The images are resized once on load (`dataset_configs.image_size`); the pretrained 7 x 7 position
 embedding is resized to 14 x 14 (bilinear, as vit_jax and scenic), everything else loads as it is
-(the ViT paper's fine-tuning at a higher resolution). Four times the tokens make a step about five
+(the ViT paper's fine-tuning at a higher resolution). Four times the tokens make a step about nine
 times slower, so it fine-tunes for 400 steps instead of 1,000 (the ViT paper fine-tunes at high
 resolution briefly too).
 
 Command:
   python -m vit_flax.main --config=configs/mnist_transfer_2x.py
+
+Measured 2026-12-02 (2-core AMD EPYC Zen 3, AVX2, no GPU, nothing else running; the transfer compare
+in configs/mnist_transfer.py): test accuracy 94.9% (EMA 95.0%) on the 5k sample, 121 train
+images/s, 580 s wall.
 """
 
 from vit_flax.configs import mnist_transfer

@@ -6,6 +6,10 @@ helps; configs/mnist_scratch_tl.py is the same model from a random init.
 
 Command:
   python -m vit_flax.main --config=configs/mnist_transfer_tl.py
+
+Measured 2026-12-02 (2-core AMD EPYC Zen 3, AVX2, no GPU, nothing else running; the transfer compare
+in configs/mnist_transfer.py): test accuracy 93.9% (EMA 93.8%) on the 5k sample, 2,298 train
+images/s, 78 s wall (the same model from scratch: 90.6%).
 """
 
 from vit_flax import models
