@@ -6,8 +6,9 @@ The baseline for configs/mnist_patch2_tl.py: that file with `tokenizer.type = 'p
 Command:
   python -m vit_flax.main --config=configs/mnist_patch2_vit.py [--workdir=runs/mnist_patch2_vit]
 
-Measured 2026-11-24 on the project's previous 2-core AMD EPYC (AVX2), same recipe: test accuracy
-88.2% on the 5k sample, 24.0 min wall, 188 train images/s.
+Measured 2026-12-04 (2-core AMD EPYC Zen 5, AVX-512, no GPU, nothing else running; `python -m
+vit_flax.compare --configs=configs/mnist_patch2_vit.py,configs/mnist_patch2_tl.py`), 5k sample:
+test accuracy 97.60% (EMA 97.40%), 10.9 min wall, 412 train images/s.
 """
 
 from vit_flax.configs import mnist_patch2_tl

@@ -103,6 +103,11 @@ def test_preset_models():
       (2, 2), 8, 1)
   assert models.with_tokenlearner(config, False).model.tokenizer.type == 'patch'
   assert config.model.tokenizer.type == 'dynamic'  # with_tokenlearner copies.
+  # The step the README's speed table timed, whatever the training config's recipe is now.
+  assert m.positional_embedding == 'learned_1d'  # Like the PyTorch twin.
+  dc = config.dataset_configs
+  assert (dc.crop_padding, dc.random_resized_crop, dc.trivial_augment) == (2, None, False)
+  assert (config.ema_decay, config.label_smoothing) == (None, None)
 
 
 @pytest.mark.skipif(importlib.util.find_spec('torch') is None, reason='PyTorch not installed')
