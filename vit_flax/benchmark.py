@@ -58,7 +58,8 @@ PRESETS = {
     'mnist': dict(image_shape=(28, 28, 1), patch=2, hidden_size=64, num_layers=4, num_heads=4,
                   mlp_dim=128, num_tokens=8, tokenlearner_loc=1, config='mnist_patch2_tl.py',
                   dataset='mnist',
-                  # The step as the README's table measured it: the config's recipe of then.
+                  # The step the README's speed table timed (pad-and-crop, no EMA), not the
+                  # config's current training recipe.
                   data=dict(crop_padding=2, random_resized_crop=None, trivial_augment=False),
                   recipe=dict(ema_decay=None, label_smoothing=None)),
     'cifar': dict(image_shape=(32, 32, 3), patch=4, hidden_size=192, num_layers=12, num_heads=3,
