@@ -42,6 +42,13 @@ class _QuietOrbax(std_logging.Filter):
 STATE_ITEMS = ('params', 'opt_state', 'ema_params', 'batch_stats')  # TrainState fields saved.
 
 
+def _barrier_prefix(name: str) -> ocp.options.MultiprocessingOptions:
+  """Names a manager's cross-process barriers: the run's two managers can save the same step at
+  once, and with orbax's default keys the processes could then meet at the other manager's barrier
+  and deadlock (seen as a hung 2-process run)."""
+  return ocp.options.MultiprocessingOptions(barrier_sync_key_prefix=name)
+
+
 def make_manager(workdir: str, max_to_keep: int | None = 3, *, asynchronous: bool = True
                  ) -> ocp.CheckpointManager:
   """A CheckpointManager at WORKDIR/checkpoints keeping the newest `max_to_keep` steps.
@@ -52,7 +59,8 @@ def make_manager(workdir: str, max_to_keep: int | None = 3, *, asynchronous: boo
   """
   _quiet_orbax()
   options = ocp.CheckpointManagerOptions(
-      max_to_keep=max_to_keep, create=True, enable_async_checkpointing=asynchronous)
+      max_to_keep=max_to_keep, create=True, enable_async_checkpointing=asynchronous,
+      multiprocessing_options=_barrier_prefix('checkpoints'))
   directory = os.path.join(os.path.abspath(workdir), 'checkpoints')
   handlers = {name: ocp.StandardCheckpointHandler() for name in (*STATE_ITEMS, 'rng')}
   handlers['meta'] = ocp.JsonCheckpointHandler()
@@ -67,7 +75,8 @@ def make_best_manager(workdir: str, *, asynchronous: bool = True) -> ocp.Checkpo
   _quiet_orbax()
   options = ocp.CheckpointManagerOptions(
       max_to_keep=1, create=True, enable_async_checkpointing=asynchronous,
-      best_fn=lambda metrics: metrics['valid_accuracy'], best_mode='max')
+      best_fn=lambda metrics: metrics['valid_accuracy'], best_mode='max',
+      multiprocessing_options=_barrier_prefix('best'))
   directory = os.path.join(os.path.abspath(workdir), 'best')
   return ocp.CheckpointManager(directory, options=options, item_handlers={
       'params': ocp.StandardCheckpointHandler(), 'batch_stats': ocp.StandardCheckpointHandler(),
