@@ -1,4 +1,5 @@
-"""Tests for vit_flax.augment: normalisation, crops, flips, TrivialAugment, Mixup / CutMix."""
+"""Tests for vit_flax.augment: normalisation, crops, flips, TrivialAugment, random erasing, Mixup /
+CutMix."""
 
 import functools
 
@@ -133,6 +134,43 @@ def test_trivial_augment_is_per_example_and_in_range():
   assert len({t.tobytes() for t in twins}) > 1  # One image, eight copies: different draws.
   mean, std = ip.DATASETS['mnist'].mean[0], ip.DATASETS['mnist'].std[0]
   assert out.min() >= (0 - mean) / std - 1e-4 and out.max() <= (1 - mean) / std + 1e-4
+
+
+def test_random_erase_overwrites_one_rectangle_of_bounded_area():
+  """Images held at 300 (outside [0, 255]): any other value was erased; it forms one rectangle."""
+  b, h, w = 256, 28, 20
+  x = jnp.full((b, h, w, 2), 300.0)
+  out = np.asarray(jax.jit(augment.random_erase, static_argnums=2)(x, jax.random.key(0), 0.5))
+  erased = out != 300.0  # [B, H, W, C]
+  np.testing.assert_array_equal(erased[..., 0], erased[..., 1])  # All channels of a pixel.
+  erased = erased[..., 0]
+  hit = erased.any(axis=(1, 2))
+  assert 0.4 < hit.mean() < 0.6  # About `probability` of the images.
+  fills = out[np.broadcast_to(erased[..., None], out.shape)]
+  assert fills.min() >= 0 and fills.max() <= 255  # Uniform pixel values.
+  sides = []
+  for mask in erased[hit]:
+    rows, cols = np.flatnonzero(mask.any(1)), np.flatnonzero(mask.any(0))
+    assert np.array_equal(rows, np.arange(rows[0], rows[-1] + 1))  # Contiguous rows ...
+    assert np.array_equal(cols, np.arange(cols[0], cols[-1] + 1))  # ... and columns ...
+    assert mask.sum() == len(rows) * len(cols)  # ... filling their rectangle.
+    assert mask.sum() <= augment.ERASE_AREA[1] * h * w * 1.25  # Rounding each side up.
+    sides.append((rows[0], cols[0], len(rows), len(cols)))
+  assert len(set(sides)) > 0.9 * len(sides)  # Position and size vary per image.
+
+
+def test_random_erasing_switch_in_preprocess():
+  images = _images(batch=64, size=16, channels=1)
+  plain = np.asarray(augment.preprocess(images, None, train=True, dataset='mnist'))
+  never = augment.preprocess(images, jax.random.key(0), train=True, dataset='mnist',
+                             random_erasing=0.0)
+  always = np.asarray(augment.preprocess(images, jax.random.key(0), train=True, dataset='mnist',
+                                         random_erasing=1.0))
+  np.testing.assert_array_equal(never, plain)
+  assert np.all(np.abs(always - plain).reshape(64, -1).max(-1) > 1e-3)  # Every image changed.
+  eval_out = augment.preprocess(images, jax.random.key(0), train=False, dataset='mnist',
+                                random_erasing=1.0)
+  np.testing.assert_array_equal(eval_out, plain)
 
 
 @pytest.mark.parametrize('mixup_alpha,cutmix_alpha', [(0.8, 0.0), (0.0, 1.0), (0.8, 1.0)])

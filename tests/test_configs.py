@@ -126,6 +126,7 @@ def _tiny(changes=None):
     ({'optimizer_configs.epsilon': 0.0}, 'epsilon must be > 0'),
     ({'dataset_configs.crop_padding': -2}, 'crop_padding must be an int >= 0'),
     ({'dataset_configs.random_resized_crop': 1.5}, 'random_resized_crop must be in (0, 1]'),
+    ({'dataset_configs.random_erasing': 1.5}, 'random_erasing must be a probability in [0, 1]'),
     ({'mixup_alpha': -1.0}, 'mixup_alpha must be >= 0'),
     ({'ema_decay': 1.0}, 'ema_decay must be in (0, 1)'),
     ({'label_smoothing': -0.1}, 'label_smoothing must be positive or None'),

@@ -212,6 +212,7 @@ def test_moving_digits_dataset_and_config_checks():
   resolved = config_lib.resolve(config, num_devices=2)
   assert resolved.dataset_configs.moving_digits.num_frames == 8
   bad = [({'dataset_configs.crop_padding': 2}, 'crop_padding is for images'),
+         ({'dataset_configs.random_erasing': 0.25}, 'random_erasing is for images'),
          ({'mixup_alpha': 0.2}, 'mixup_alpha is for images'),
          ({'dataset_configs.moving_digits.max_speed': 3.0}, 'leaves a 32 px canvas'),
          ({'dataset_configs.moving_digits.num_frames': 7}, 'clips of 7 frames do not divide')]

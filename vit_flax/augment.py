@@ -6,8 +6,9 @@ augmentations (random-resized crop and TrivialAugment's rotate / shear / transla
 into one affine map per image and applied with a single bilinear resampling.
 
 TrivialAugment (Müller & Hutter, 2021) applies one operation, drawn uniformly, at a magnitude drawn
-uniformly, to each image. Mixup (Zhang et al., 2018) and CutMix (Yun et al., 2019) mix each batch
-with itself rolled by one example, with soft targets.
+uniformly, to each image. Random erasing (Zhong et al., 2020) overwrites a random rectangle of
+some images with random pixels. Mixup (Zhang et al., 2018) and CutMix (Yun et al., 2019) mix each
+batch with itself rolled by one example, with soft targets.
 """
 
 import math
@@ -29,12 +30,17 @@ MAX_ROTATE_DEG = 30.0
 MAX_SHEAR = 0.3
 MAX_TRANSLATE = 0.3  # Of the image side.
 MAX_ENHANCE = 0.9  # brightness / contrast / sharpness factors in [1 - 0.9, 1 + 0.9].
+# Random erasing's rectangle (Zhong et al.'s defaults): area fraction in [0.02, 0.4], aspect ratio
+# log-uniform in [0.3, 1 / 0.3], each side clipped to the image.
+ERASE_AREA = (0.02, 0.4)
+ERASE_LOG_RATIO = (math.log(0.3), -math.log(0.3))
 
 
 def preprocess(images: jax.Array, rng: jax.Array | None, *, train: bool,
                dataset: input_pipeline.Dataset | str, crop_padding: int = 0,
                random_flip: bool = False, random_resized_crop: float | None = None,
-               trivial_augment: bool = False, pad_mode: str = 'constant') -> jax.Array:
+               trivial_augment: bool = False, random_erasing: float = 0.0,
+               pad_mode: str = 'constant') -> jax.Array:
   """uint8 [B, H, W, C] -> normalised float32 [B, H, W, C]; augments per example when `train`.
 
   Args:
@@ -47,6 +53,8 @@ def preprocess(images: jax.Array, rng: jax.Array | None, *, train: bool,
     random_resized_crop: the smallest area fraction of an Inception-style crop (aspect ratio in
       [3/4, 4/3]) resized back to H x W; None: off.
     trivial_augment: apply one random TRIVIAL_AUGMENT_OPS operation at a random magnitude.
+    random_erasing: the probability of overwriting a random rectangle of each image with uniform
+      random pixels, after the other augmentations; 0: off.
     pad_mode: 'constant' (zero pixels) or 'reflect', for crop_padding.
 
   Returns:
@@ -57,10 +65,11 @@ def preprocess(images: jax.Array, rng: jax.Array | None, *, train: bool,
   else:
     mean, std = dataset.mean, dataset.std
   x = images.astype(jnp.float32)
-  if train and (crop_padding or random_flip or random_resized_crop or trivial_augment):
+  if train and (crop_padding or random_flip or random_resized_crop or trivial_augment
+                or random_erasing):
     if rng is None:
       raise ValueError('preprocess(train=True) with augmentation needs an rng.')
-    crop_rng, affine_rng, flip_rng, op_rng = jax.random.split(rng, 4)
+    crop_rng, affine_rng, flip_rng, op_rng, erase_rng = jax.random.split(rng, 5)
     if crop_padding:
       x = pad_and_crop(x, crop_rng, crop_padding, pad_mode)
     ops = magnitudes = None
@@ -74,6 +83,8 @@ def preprocess(images: jax.Array, rng: jax.Array | None, *, train: bool,
       x = flip_left_right(x, flip_rng)
     if trivial_augment:
       x = jax.vmap(colour_op)(x, ops, magnitudes)
+    if random_erasing:
+      x = random_erase(x, erase_rng, random_erasing)
   return (x / 255.0 - jnp.asarray(mean, jnp.float32)) / jnp.asarray(std, jnp.float32)
 
 
@@ -92,6 +103,31 @@ def flip_left_right(x: jax.Array, rng: jax.Array) -> jax.Array:
   """Mirrors each image of [B, H, W, C] left-right with probability 1/2."""
   flip = jax.random.bernoulli(rng, 0.5, (x.shape[0],))
   return jnp.where(flip[:, None, None, None], x[:, :, ::-1, :], x)
+
+
+def random_erase(x: jax.Array, rng: jax.Array, probability: float) -> jax.Array:
+  """Overwrites, with probability `probability`, a random rectangle of each image of [B, H, W, C].
+
+  The rectangle's area fraction and aspect ratio are drawn from ERASE_AREA and ERASE_LOG_RATIO,
+  its position uniformly among those that fit; its pixels become uniform in [0, 255].
+  """
+  b, h, w, c = x.shape
+  apply_rng, area_rng, ratio_rng, pos_rng, fill_rng = jax.random.split(rng, 5)
+  apply = jax.random.bernoulli(apply_rng, probability, (b,))  # [B]
+  area = jax.random.uniform(area_rng, (b,), minval=ERASE_AREA[0], maxval=ERASE_AREA[1]) * h * w
+  ratio = jnp.exp(jax.random.uniform(ratio_rng, (b,), minval=ERASE_LOG_RATIO[0],
+                                     maxval=ERASE_LOG_RATIO[1]))  # Height / width.
+  size = jnp.stack([jnp.sqrt(area * ratio), jnp.sqrt(area / ratio)], axis=-1)  # [B, (h, w)]
+  size = jnp.clip(jnp.round(size), 1, jnp.array([h, w])).astype(jnp.int32)
+  start = jnp.floor(jax.random.uniform(pos_rng, (b, 2)) * (jnp.array([h, w]) - size + 1))
+  start = start.astype(jnp.int32)  # [B, (y0, x0)]
+  rows = jnp.arange(h)[None, :] - start[:, :1]  # [B, H]: row offset into the rectangle.
+  cols = jnp.arange(w)[None, :] - start[:, 1:]  # [B, W]
+  in_rows = (rows >= 0) & (rows < size[:, :1])  # [B, H]
+  in_cols = (cols >= 0) & (cols < size[:, 1:])  # [B, W]
+  box = in_rows[:, :, None] & in_cols[:, None, :] & apply[:, None, None]  # [B, H, W]
+  fill = jax.random.uniform(fill_rng, x.shape, maxval=255.0)  # [B, H, W, C]
+  return jnp.where(box[..., None], fill, x)
 
 
 def affine_augment(x: jax.Array, rng: jax.Array, min_crop_area: float | None,

@@ -207,7 +207,7 @@ def _check_values(c: dict[str, Any], num_devices: int | None, errors: list[str])
   if c['dataset_name'] in moving_digits.DATASETS:
     errors += moving_digits.check(dc['moving_digits'])
     image_ops = ('crop_padding', 'random_flip', 'random_resized_crop', 'trivial_augment',
-                 'image_size')
+                 'random_erasing', 'image_size')
     errors += [f'dataset_configs.{k} is for images; clips ({c["dataset_name"]}) take none'
                for k in image_ops if dc.get(k)]
     errors += [f'{k} is for images; clips ({c["dataset_name"]}) take none'
@@ -221,6 +221,11 @@ def _check_values(c: dict[str, Any], num_devices: int | None, errors: list[str])
   crop = dc.get('random_resized_crop')
   if crop is not None and not (isinstance(crop, (int, float)) and 0.0 < crop <= 1.0):
     errors.append(f'dataset_configs.random_resized_crop must be in (0, 1] or None, got {crop!r}')
+  erasing = dc.get('random_erasing')
+  if not (isinstance(erasing, (int, float)) and not isinstance(erasing, bool)
+          and 0.0 <= erasing <= 1.0):
+    errors.append(f'dataset_configs.random_erasing must be a probability in [0, 1], got '
+                  f'{erasing!r}')
   for key in ('max_grad_norm', 'label_smoothing'):
     value = c[key]
     if value is not None and not (isinstance(value, (int, float)) and math.isfinite(value)

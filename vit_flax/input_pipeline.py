@@ -81,6 +81,7 @@ DATASET_CONFIG_DEFAULTS = {
     'random_flip': False,  # Random horizontal flip.
     'random_resized_crop': None,  # Smallest area fraction of an Inception-style crop; None: off.
     'trivial_augment': False,  # One random TrivialAugment operation per image.
+    'random_erasing': 0.0,  # Probability of erasing a random rectangle of an image (0 = off).
     # Side of the images the model sees: in-memory datasets are resized to it once, when loaded
     # (bilinear, antialiased); streamed ones are cropped and resized to it. None: the dataset's own
     # size (224 for streamed datasets).

@@ -237,7 +237,7 @@ def _in_memory_runners(ds: input_pipeline.Dataset, config: ml_collections.Config
   train_preprocess = functools.partial(
       augment.preprocess, train=True, dataset=ds, crop_padding=dc.crop_padding,
       random_flip=dc.random_flip, random_resized_crop=dc.random_resized_crop,
-      trivial_augment=dc.trivial_augment)
+      trivial_augment=dc.trivial_augment, random_erasing=dc.random_erasing)
   normalise = lambda x: augment.preprocess(x, None, train=False, dataset=ds)
   steps_per_epoch = ds.num_train // batch_size
   train_rows = local_rows(NamedSharding(mesh, P('data')), batch_size)
