@@ -27,6 +27,7 @@ def get_config():
   config.dataset_configs.crop_padding = 0
   config.dataset_configs.random_resized_crop = 0.6
   config.dataset_configs.trivial_augment = True
+  config.dataset_configs.random_erasing = 0.0
   config.num_training_epochs = None
   config.num_training_steps = 4000  # ~140 epochs of the 5k sample's 3,667 training images.
   # Fixed sin-cos positions: with 3,667 training images, one thing less to learn.
