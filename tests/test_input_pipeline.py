@@ -181,6 +181,18 @@ def test_streamed_imagenet(tmp_path):
   assert all(b['inputs'].shape == (2, 32, 32, 3) for b in test_batches)
 
 
+@pytest.mark.parametrize('switch', [('random_erasing', 0.25), ('random_flip', True),
+                                    ('crop_padding', 4), ('trivial_augment', True),
+                                    ('random_resized_crop', 0.3)])
+def test_streamed_dataset_rejects_the_in_memory_augments_it_would_ignore(tmp_path, switch):
+  _prepared_tfds_dir(tmp_path, 'imagenet2012')
+  key, value = switch
+  with tfds.testing.mock_data(num_examples=5, data_dir=str(tmp_path)):
+    with pytest.raises(ValueError, match=f'dataset_configs.{key}=.*streams through tf.data'):
+      ip.load_dataset(_config('imagenet2012', data_dir=str(tmp_path), image_size=32,
+                              **{key: value}))
+
+
 def test_image_size_resizes_in_memory_data_once_and_image_shape_agrees(tmp_path):
   """dataset_configs.image_size: the model sees size x size images (fine-tuning at 2x)."""
   data = _idx_dir(tmp_path)

@@ -300,6 +300,21 @@ def _tfds_splits(builder) -> dict[str, str | None]:
           'test': 'test'}
 
 
+IN_MEMORY_AUGMENTS = ('crop_padding', 'random_flip', 'random_resized_crop', 'trivial_augment',
+                      'random_erasing')
+
+
+def _reject_in_memory_augments(name: str, dc: dict) -> None:
+  """A streamed dataset has its own fixed augmentation: a switch it would ignore is an error."""
+  changed = [f'{k}={dc[k]!r}' for k in IN_MEMORY_AUGMENTS
+             if dc[k] != DATASET_CONFIG_DEFAULTS[k]]
+  if changed:
+    raise ValueError(
+        f'dataset_configs.{", ".join(changed)}: {name} streams through tf.data with scenic\'s '
+        'Inception crop and flip, and the on-device augments apply to in-memory datasets only; '
+        'leave them at their defaults (mixup / cutmix still apply).')
+
+
 def _from_tfds(builder, dc: dict, source: str) -> Dataset:
   """Loads a prepared TFDS dataset: into memory when small, else as a tf.data stream."""
   name = builder.name
@@ -319,6 +334,7 @@ def _from_tfds(builder, dc: dict, source: str) -> Dataset:
     valid = load(splits['valid']) if splits['valid'] else None
     return _in_memory(name, source, num_classes, load(splits['train']), valid,
                       load(splits['test']), dc['validation_size'])
+  _reject_in_memory_augments(name, dc)
   from vit_flax import streaming  # pylint: disable=g-import-not-at-top  (imports TensorFlow)
   return streaming.streamed(builder, splits, dc, source, image_key, label_key, num_classes)
 
