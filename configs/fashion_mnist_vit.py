@@ -6,12 +6,12 @@ recipe, data order, seed and steps are identical and only the learner differs.
 Command:
   python -m vit_flax.main --config=configs/fashion_mnist_vit.py [--workdir=runs/fashion_mnist_vit]
 
-Measured 2026-12-06 (2-core AMD EPYC Zen 3, AVX2, no GPU, nothing else running; `python -m
+Measured 2026-12-07 (2-core AMD EPYC Zen 4, AVX-512, no GPU, nothing else running; `python -m
 vit_flax.compare --configs=configs/fashion_mnist_vit.py,configs/fashion_mnist_tl.py`): test
-accuracy 90.97% (EMA 90.94%, best-validation checkpoint 91.01%), 45.5 min wall, 648 train
-images/s. Without random erasing (`--config.dataset_configs.random_erasing=0`) it gave 90.33% in
-17.9 min (1,645 train images/s) on a 2-core AMD EPYC Zen 5 (AVX-512) on 2026-12-04; this Zen 3
-runs it about 2.5x slower.
+accuracy 91.10% (EMA 91.10%, best-validation checkpoint 91.10%), 27.9 min wall, 1,052 train
+images/s. On 2026-12-06 on a 2-core Zen 3 (AVX2): 90.97%, 45.5 min, 648 images/s. Without
+random erasing (`--config.dataset_configs.random_erasing=0`) it gave 90.33% in 17.9 min (1,645
+train images/s) on a 2-core AMD EPYC Zen 5 (AVX-512) on 2026-12-04.
 """
 
 from vit_flax.configs import fashion_mnist_tl
