@@ -308,8 +308,8 @@ def _reject_in_memory_augments(name: str, dc: dict) -> None:
   """A streamed dataset has its own fixed augmentation: a switch it would ignore is an error."""
   changed = [f'{k}={dc[k]!r}' for k in IN_MEMORY_AUGMENTS
              if dc[k] != DATASET_CONFIG_DEFAULTS[k]]
-  if changed:
-    raise ValueError(
+  if changed:  # DataError: main reports it as one line, like the dataset's other input errors.
+    raise DataError(
         f'dataset_configs.{", ".join(changed)}: {name} streams through tf.data with scenic\'s '
         'Inception crop and flip, and the on-device augments apply to in-memory datasets only; '
         'leave them at their defaults (mixup / cutmix still apply).')
