@@ -336,9 +336,14 @@ def _log_train(run: _Run, step: int, period: dict[str, float], learning_rate: fl
 
 
 def _log_eval(run: _Run, step: int, split: str, *, state: steps.TrainState | None = None,
-              log: bool = True) -> tuple[dict[str, float], float] | None:
+              log: bool = True, label: str | None = None
+              ) -> tuple[dict[str, float], float] | None:
   """Evaluates `split` (of `state`, default the run's); logs (and, with `log`, writes) its loss
-  and accuracy (and the EMA's); returns them and images/s."""
+  and accuracy (and the EMA's); returns them and images/s.
+
+  `label` names what was evaluated in the log line (default `step N`) and leaves out the EMA
+  column: a labelled state is a restored checkpoint, whose EMA slot holds its own parameters.
+  """
   result = run.runners.evaluate(state or run.state, split)
   if result is None:
     return None
@@ -352,8 +357,9 @@ def _log_eval(run: _Run, step: int, split: str, *, state: steps.TrainState | Non
   if log:
     run.log.write(step, run.wall_time(), scalars)
   ema = (f' | EMA accuracy {scalars[f"{split}_ema_accuracy"]:.4f}'
-         if 'ema_correct' in sums else '')
-  logging.info('step %d | %s loss %.4f | %s accuracy %.4f%s | %d images in %.1f s', step, split,
+         if 'ema_correct' in sums and label is None else '')
+  logging.info('%s | %s loss %.4f | %s accuracy %.4f%s | %d images in %.1f s',
+               label or f'step {step}', split,
                scalars[f'{split}_loss'], split, scalars[f'{split}_accuracy'], ema, int(count),
                seconds)
   return scalars, count / max(seconds, 1e-9)
@@ -413,7 +419,8 @@ def _best_summary(run: _Run, step: int) -> dict[str, Any] | None:
   state = run.state.replace(params=params, batch_stats=batch_stats)
   if state.ema_params is not None:  # Same tree structure as the compiled evaluation's state.
     state = state.replace(ema_params=params)
-  test = _log_eval(run, step, 'test', state=state, log=False)
+  test = _log_eval(run, step, 'test', state=state, log=False,
+                   label=f'best-validation checkpoint (step {meta["step"]}, {meta["params"]})')
   return {'step': meta['step'], 'params': meta['params'], 'valid_accuracy': meta['valid_accuracy'],
           'test_accuracy': test[0]['test_accuracy'], 'test_loss': test[0]['test_loss']}
 
