@@ -69,7 +69,7 @@ def get_config() -> ml_collections.ConfigDict:
   config.lr_configs.learning_rate_schedule = 'compound'
   config.lr_configs.factors = 'constant*linear_warmup*cosine_decay'
   config.lr_configs.warmup_steps = 500
-  config.lr_configs.base_learning_rate = 2e-3
+  config.lr_configs.base_learning_rate = 2e-3  # TL: 90.81%; 3e-3: 90.49%, 1e-3: 90.43% (Zen 4).
   config.accuracy_thresholds = (0.85, 0.88, 0.9, 0.91, 0.92, 0.93)
 
   config.model = ml_collections.ConfigDict()
